@@ -1,0 +1,113 @@
+"""The `parley` command: serve, chat, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from parley import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description="Reliable real-time chat rooms over WebSocket.")
+    parser.add_argument("--version", action="version", version=f"parley {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a Parley server")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8765; 0 picks a free one)")
+    serve.add_argument("--data-dir", type=Path, help="folder for the database and files (default ./parley-data)")
+    serve.add_argument("--store", help="store URL, e.g. sqlite:///path/parley.db (default: parley.db in --data-dir)")
+    serve.add_argument("--secret", help="HS256 secret for tokens (or PARLEY_SECRET); without one, auth is open")
+    serve.add_argument("--auth", choices=["auto", "open", "token"], help="open: trust `user` in hello (development)")
+    serve.add_argument("--ack-timeout", type=float, help="seconds before unacknowledged messages are resent (5)")
+    serve.add_argument("--heartbeat", type=float, help="seconds between WebSocket pings (25)")
+    serve.add_argument("--hot-window", type=float, help="seconds of each room kept in the hot cache (3600)")
+    serve.add_argument("--hot-max-per-room", type=int, help="messages per room kept in the hot cache (20000)")
+    serve.add_argument("--max-body", type=int, help="largest message body in UTF-8 bytes (16384)")
+    serve.add_argument("--shard-size", type=int, help="subscribers written per fan-out step (1000)")
+    serve.add_argument("--batch-window", type=float, help="seconds a merged frame waits for more messages (0.005)")
+    serve.add_argument("--send-rate", type=float, help="sends per second per connection (50)")
+    serve.add_argument("--send-burst", type=int, help="sends a connection may burst above the rate (200)")
+    serve.add_argument("--config", type=Path, help="TOML file with settings; flags and PARLEY_* variables win")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    serve.add_argument("--no-uvloop", action="store_true", help="run on the standard asyncio event loop")
+
+    token = commands.add_parser("token", help="print a signed token for a user")
+    token.add_argument("user")
+    token.add_argument("--secret", help="HS256 secret (or PARLEY_SECRET)")
+    token.add_argument("--ttl", type=float, default=30 * 86400, help="seconds until it expires (30 days)")
+
+    chat = commands.add_parser("chat", help="chat in a room from the terminal")
+    try:
+        from parley.client import terminal
+    except ImportError:  # TEMP until the terminal client lands
+        return parser
+    terminal.add_arguments(chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
+    if args.command == "token":
+        return run_token(args)
+    if args.command == "chat":
+        from parley.client import terminal
+
+        return asyncio.run(terminal.run(args))
+    return 2
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from parley import logs
+    from parley.server.app import serve
+    from parley.server.config import load_settings
+
+    logs.configure(args.log_level)
+    flags: dict[str, Any] = {
+        key: getattr(args, key)
+        for key in (
+            "host", "port", "data_dir", "store", "secret", "auth", "ack_timeout", "heartbeat", "hot_window",
+            "hot_max_per_room", "max_body", "shard_size", "batch_window", "send_rate", "send_burst",
+        )
+    }
+    try:
+        settings = load_settings(flags, args.config)
+        settings.check()
+    except (ValueError, OSError) as error:
+        print(f"parley serve: {error}", file=sys.stderr)
+        return 2
+
+    def announce(line: str) -> None:
+        print(line, flush=True)
+
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            return int(uvloop.run(serve(settings, announce)))
+        except ImportError:
+            pass
+    return asyncio.run(serve(settings, announce))
+
+
+def run_token(args: argparse.Namespace) -> int:
+    import os
+
+    from parley.server.auth import mint_token
+
+    secret = args.secret or os.environ.get("PARLEY_SECRET")
+    if not secret:
+        print("parley token: give --secret or set PARLEY_SECRET", file=sys.stderr)
+        return 2
+    try:
+        print(mint_token(args.user, secret, args.ttl))
+    except ValueError as error:
+        print(f"parley token: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,368 @@
+"""The protocol of one WebSocket session: hello, rooms, sends, acks, history.
+
+Frames are handled in the order they arrive. Handlers that only submit work to the store (send, ack,
+read) return at once and reply from the store's completion callback, so a client can pipeline sends
+and they are stored in arrival order. Handlers that must finish before the next frame (hello, join,
+leave, history) return a coroutine, and the session's worker task awaits it before going on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from parley.protocol import errors
+from parley.protocol.errors import CloseConnection, FrameError
+from parley.protocol.frames import Ack, ClientFrame, FrameParser, Hello, History, Join, Leave, Ping, Read, Send
+from parley.protocol.model import AppendResult
+from parley.server.auth import AuthError
+from parley.server.ratelimit import TokenBucket
+from parley.server.websocket import encode_frame
+
+if TYPE_CHECKING:
+    from parley.server.app import App
+    from parley.server.connection import Connection
+    from parley.server.hub import Room
+
+log = logging.getLogger("parley.session")
+
+ERROR_WINDOW = 10.0
+MAX_ERRORS_IN_WINDOW = 20
+Handler = Callable[[Any], Coroutine[Any, Any, None] | None]
+
+
+class Session:
+    """Frame handling for one connection, from `hello` to close."""
+
+    def __init__(self, app: App, connection: Connection) -> None:
+        self.app = app
+        self.connection = connection
+        self.parser: FrameParser = app.parser
+        self.user: str | None = None
+        self.inbox: deque[ClientFrame | FrameError] = deque()
+        self.worker: asyncio.Task[None] | None = None
+        self.errors: deque[float] = deque()
+        self.send_bucket = TokenBucket(app.settings.send_rate, app.settings.send_burst)
+        self.handlers: dict[type, Handler] = {
+            Hello: self.on_hello_again,
+            Join: self.on_join,
+            Leave: self.on_leave,
+            Send: self.on_send,
+            Ack: self.on_ack,
+            Read: self.on_read,
+            History: self.on_history,
+            Ping: self.on_ping,
+        }
+
+    @property
+    def ids(self) -> dict[str, Any]:
+        return {"session": self.connection.session, "user": self.user}
+
+    # Input
+
+    def on_text(self, payload: bytes) -> None:
+        items = self.parser.parse_message(payload)
+        if self.user is None and self.worker is None and not self.inbox:
+            first = items[0] if items else None
+            if not isinstance(first, Hello):
+                raise CloseConnection(errors.CLOSE_POLICY, "the first frame must be hello")
+        self.inbox.extend(items)
+        if self.worker is None:
+            self._drain_inline()
+
+    def on_binary(self, size: int) -> None:
+        self.reject(FrameError(errors.BAD_FRAME, "binary messages are not accepted; send JSON text"))
+
+    def on_closed(self) -> None:
+        self.app.hub.disconnect(self.connection)
+        self.app.forget_user_connection(self.connection)
+        if self.worker is not None:
+            self.worker.cancel()
+            self.worker = None
+
+    def _drain_inline(self) -> None:
+        """Handle queued frames now, until one needs to wait; hand the rest to a worker task."""
+        while self.inbox and not self.connection.closing:
+            item = self.inbox.popleft()
+            pending = self._dispatch(item)
+            if pending is not None:
+                self.worker = asyncio.get_running_loop().create_task(self._work(pending))
+                return
+
+    async def _work(self, pending: Awaitable[None]) -> None:
+        try:
+            await self._guard(pending)
+            while self.inbox and not self.connection.closing:
+                item = self.inbox.popleft()
+                step = self._dispatch(item)
+                if step is not None:
+                    await self._guard(step)
+        finally:
+            self.worker = None
+
+    async def _guard(self, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except FrameError as error:
+            self.reject(error)
+        except CloseConnection as close:
+            self.connection.close(close.code, close.reason)
+        except Exception as error:
+            log.exception("handler failed", extra=self.ids)
+            self.reject(FrameError(errors.INTERNAL, f"internal error ({type(error).__name__})"))
+
+    def _dispatch(self, item: ClientFrame | FrameError) -> Coroutine[Any, Any, None] | None:
+        if isinstance(item, FrameError):
+            self.reject(item)
+            return None
+        if isinstance(item, Hello) and self.user is None:
+            return self.on_hello(item)
+        try:
+            return self.handlers[type(item)](item)
+        except FrameError as error:
+            self.reject(error)
+        return None
+
+    # Output
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        self.connection.send_frame(frame)
+
+    def reject(self, error: FrameError) -> None:
+        """Send an error frame; close with 1008 after too many errors in a short time."""
+        log.info("rejected frame: %s", error, extra={**self.ids, "ref": error.ref})
+        self.reply(error.to_frame())
+        now = time.monotonic()
+        self.errors.append(now)
+        while self.errors and self.errors[0] < now - ERROR_WINDOW:
+            self.errors.popleft()
+        if len(self.errors) > MAX_ERRORS_IN_WINDOW:
+            log.info("closing after repeated errors", extra=self.ids)
+            self.connection.close(errors.CLOSE_POLICY, "too many errors")
+
+    # Hello and resume
+
+    async def on_hello(self, hello: Hello) -> None:
+        connection = self.connection
+        try:
+            user = self.app.auth.authenticate(hello.token or connection.token, hello.user)
+        except AuthError as error:
+            log.info("authentication failed: %s", error, extra=self.ids)
+            self.reply({"type": "error", "code": errors.UNAUTHORIZED, "message": str(error)})
+            connection.close(errors.CLOSE_UNAUTHORIZED, "unauthorized")
+            return
+
+        self.user = connection.user = user
+        connection.batch = hello.batch
+        self.app.remember_user_connection(connection)
+        settings = self.app.settings
+        limits = self.app.limits
+        self.reply({
+            "type": "welcome",
+            "protocol": 1,
+            "user": user,
+            "session": connection.session,
+            "heartbeat": int(settings.heartbeat * 1000),
+            "ack_timeout": int(settings.ack_timeout * 1000),
+            "max_body": limits.max_body,
+            "max_meta": limits.max_meta,
+            "max_frame": limits.max_frame,
+        })
+        log.info("connected", extra={**self.ids, "peer": connection.peer_address, "device": hello.device})
+
+        for membership in await self.app.store.memberships(user):
+            info = await self.app.store.room_info(membership.room)
+            if info is None or connection.closing:
+                continue
+            room = self.app.hub.room(info.room, info.head, info.epoch)
+            position = hello.resume.get(room.name)
+            since, epoch = position if position is not None else (membership.cursor, None)
+            self.follow(room, since, epoch, None)
+
+    async def on_hello_again(self, hello: Hello) -> None:
+        raise FrameError(errors.INVALID_FIELD, "hello: already received on this connection", {"type": "hello"})
+
+    def follow(self, room: Room, since: int | None, epoch: str | None, last: int | None) -> int:
+        """Reply `joined` and subscribe from the resolved position; return that position."""
+        head = room.head
+        reset = False
+        if since is not None and ((epoch is not None and epoch != room.epoch) or since > head):
+            reset = True
+            since = None
+            log.info("position outside the room's epoch, resetting", extra={**self.ids, "room": room.name})
+        if since is None:
+            since = max(0, head - last) if last is not None else (0 if reset else head)
+
+        joined: dict[str, Any] = {"type": "joined", "room": room.name, "epoch": room.epoch, "head": head, "since": since}
+        if reset:
+            joined["reset"] = True
+        online = self.app.hub.online_users(room)
+        if online is not None:
+            joined["online"] = sorted({*online, self.connection.user})
+        self.reply(joined)
+        self.app.hub.subscribe(self.connection, room, since)
+        return since
+
+    # Rooms
+
+    async def on_join(self, frame: Join) -> None:
+        user = self.require_user()
+        if not self.app.may_join(user, frame.room):
+            raise FrameError(errors.FORBIDDEN, f"room {frame.room}: private", {"type": "join", "room": frame.room})
+
+        info, membership, _was_member = await self.app.store.join(user, frame.room)
+        room = self.app.hub.room(info.room, info.head, info.epoch)
+        since, epoch = frame.since, frame.epoch
+        if since is None and membership.cursor is not None:
+            since, epoch = membership.cursor, None
+        position = self.follow(room, since, epoch, frame.last)
+        if membership.cursor is None:
+            await self.app.store.set_cursor_if_unset(user, room.name, position)
+        log.info("joined", extra={**self.ids, "room": room.name, "seq": position})
+
+    async def on_leave(self, frame: Leave) -> None:
+        user = self.require_user()
+        await self.app.store.leave(user, frame.room)
+        for connection in self.app.user_connections(user):
+            self.app.hub.unsubscribe(connection, frame.room)
+            connection.send_frame({"type": "left", "room": frame.room})
+        log.info("left", extra={**self.ids, "room": frame.room})
+
+    # Messages
+
+    def on_send(self, frame: Send) -> Coroutine[Any, Any, None] | None:
+        user = self.require_user()
+        ref = {"type": "send", "room": frame.room, "id": frame.id}
+        wait = self.send_bucket.take(time.monotonic())
+        if wait > 0:
+            raise FrameError(errors.RATE_LIMITED, "sending too fast", ref, retry_after=int(wait * 1000) + 1)
+        if frame.room in self.connection.subscriptions:
+            self.submit_send(user, frame, ref)
+            return None
+        return self.send_after_member_check(user, frame, ref)
+
+    async def send_after_member_check(self, user: str, frame: Send, ref: dict[str, Any]) -> None:
+        if not await self.app.store.is_member(user, frame.room):
+            raise FrameError(errors.NOT_JOINED, f"room {frame.room}: join it before sending", ref)
+        self.submit_send(user, frame, ref)
+
+    def submit_send(self, user: str, frame: Send, ref: dict[str, Any]) -> None:
+        ts = int(time.time() * 1000)
+        future = asyncio.ensure_future(self.app.store.append(frame.room, user, frame.id, frame.body, frame.meta, ts))
+        future.add_done_callback(lambda done: self.on_stored(done, ref))
+
+    def on_stored(self, done: asyncio.Future[AppendResult], ref: dict[str, Any]) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None:
+            log.error("storing a message failed: %s", error, extra={**self.ids, "room": ref["room"], "id": ref["id"]})
+            self.reply({"type": "error", "code": errors.INTERNAL, "message": "storing the message failed", "ref": ref})
+            return
+        result = done.result()
+        message = result.message
+        if result.conflict:
+            self.reject(FrameError(
+                errors.ID_CONFLICT,
+                f"id {message.id} is already stored as seq {message.seq} with another body or meta",
+                ref,
+            ))
+            return
+        sent: dict[str, Any] = {"type": "sent", "room": message.room, "id": message.id, "seq": message.seq, "ts": message.ts}
+        if result.dup:
+            sent["dup"] = True
+        self.reply(sent)
+
+    # Acknowledgements
+
+    def on_ack(self, frame: Ack) -> Coroutine[Any, Any, None] | None:
+        user = self.require_user()
+        subscription = self.connection.subscriptions.get(frame.room)
+        if subscription is None:
+            return self.ack_after_member_check(user, frame)
+        room = self.app.hub.room(frame.room)
+        if frame.seq > room.head:
+            raise FrameError(
+                errors.INVALID_FIELD, f"seq: {frame.seq} is beyond the room's head {room.head}",
+                {"type": "ack", "room": frame.room},
+            )
+        self.app.hub.tracker.on_ack(subscription, frame.seq, time.monotonic())
+        self.submit_cursor(user, frame.room, frame.seq)
+        return None
+
+    async def ack_after_member_check(self, user: str, frame: Ack) -> None:
+        if not await self.app.store.is_member(user, frame.room):
+            raise FrameError(errors.NOT_JOINED, f"room {frame.room}: not a member", {"type": "ack", "room": frame.room})
+        info = await self.app.store.room_info(frame.room)
+        if info is None or frame.seq > info.head:
+            raise FrameError(errors.INVALID_FIELD, "seq: beyond the room's head", {"type": "ack", "room": frame.room})
+        self.submit_cursor(user, frame.room, frame.seq)
+
+    def submit_cursor(self, user: str, room: str, seq: int) -> None:
+        future = asyncio.ensure_future(self.app.store.advance_cursor(user, room, seq))
+
+        def on_done(done: asyncio.Future[int]) -> None:
+            if done.cancelled():
+                return
+            if done.exception() is not None:
+                log.error("storing a cursor failed: %s", done.exception(), extra={**self.ids, "room": room, "seq": seq})
+                self.reply({"type": "error", "code": errors.INTERNAL, "message": "storing the ack failed",
+                            "ref": {"type": "ack", "room": room}})
+                return
+            stored = done.result()
+            self.reply({"type": "acked", "room": room, "seq": stored})
+            self.app.hub.on_marks(room, user, stored, None)
+
+        future.add_done_callback(on_done)
+
+    def on_read(self, frame: Read) -> Coroutine[Any, Any, None] | None:
+        user = self.require_user()
+        if frame.room not in self.connection.subscriptions:
+            return self.read_after_member_check(user, frame)
+        self.submit_read(user, frame.room, frame.seq)
+        return None
+
+    async def read_after_member_check(self, user: str, frame: Read) -> None:
+        if not await self.app.store.is_member(user, frame.room):
+            raise FrameError(errors.NOT_JOINED, f"room {frame.room}: not a member", {"type": "read", "room": frame.room})
+        self.submit_read(user, frame.room, frame.seq)
+
+    def submit_read(self, user: str, room: str, seq: int) -> None:
+        future = asyncio.ensure_future(self.app.store.advance_read(user, room, min(seq, self.app.hub.room(room).head)))
+
+        def on_done(done: asyncio.Future[int]) -> None:
+            if done.cancelled():
+                return
+            if done.exception() is not None:
+                log.error("storing a read marker failed: %s", done.exception(), extra={**self.ids, "room": room})
+                return
+            self.app.hub.on_marks(room, user, None, done.result())
+
+        future.add_done_callback(on_done)
+
+    # History and liveness
+
+    async def on_history(self, frame: History) -> None:
+        user = self.require_user()
+        ref = {"type": "history", "room": frame.room, **({"id": frame.id} if frame.id else {})}
+        if not self.app.may_join(user, frame.room):
+            raise FrameError(errors.FORBIDDEN, f"room {frame.room}: private", ref)
+        page, more = await self.app.read_history(frame.room, frame.before, frame.after, frame.limit)
+        reply: dict[str, Any] = {"type": "history", "room": frame.room, "messages": page, "more": more}
+        if frame.id is not None:
+            reply["id"] = frame.id
+        self.connection.write(encode_frame(orjson.dumps(reply)))
+
+    def on_ping(self, frame: Ping) -> None:
+        self.reply({"type": "pong"})
+
+    def require_user(self) -> str:
+        if self.user is None:
+            raise CloseConnection(errors.CLOSE_POLICY, "the first frame must be hello")
+        return self.user
