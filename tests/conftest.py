@@ -38,8 +38,16 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "parley", "serve",
-            "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
+            sys.executable,
+            "-m",
+            "parley",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
             *self.extra,
         ]
         log = open(self.log_path, "a")  # noqa: SIM115 - the child process keeps it open

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 from parley.protocol.delivery import DeliveryTracker, Follow, GiveUp, Resend
 
 
-def run_until(tracker: DeliveryTracker, start: float, end: float, step: float = 0.05) -> list[tuple[float, object]]:
+def run_until(
+    tracker: DeliveryTracker, start: float, end: float, step: float = 0.05
+) -> list[tuple[float, object]]:
     """Poll the tracker every `step` seconds of fake time; return (time, action) pairs."""
     seen: list[tuple[float, object]] = []
     now = start
@@ -49,7 +53,7 @@ def test_resend_waits_double_each_try_then_gives_up() -> None:
     times = [when for when, _ in actions]
 
     assert kinds == [Resend, Resend, Resend, GiveUp]
-    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert gaps[0] >= 2.0
     assert gaps[1] >= 4.0
     assert gaps[2] >= 8.0

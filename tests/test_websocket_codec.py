@@ -113,7 +113,14 @@ def test_unmasked_client_frame_is_a_protocol_error() -> None:
         client_frame(b"x", 0x3),
         client_frame(b"\x03", OP_CLOSE),
     ],
-    ids=["reserved-bit", "long-ping", "fragmented-ping", "stray-continuation", "unknown-opcode", "short-close"],
+    ids=[
+        "reserved-bit",
+        "long-ping",
+        "fragmented-ping",
+        "stray-continuation",
+        "unknown-opcode",
+        "short-close",
+    ],
 )
 def test_protocol_violations_close_1002(frame: bytes) -> None:
     with pytest.raises(CloseConnection) as raised:

@@ -12,27 +12,43 @@ from parley import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parley", description="Reliable real-time chat rooms over WebSocket.")
+    parser = argparse.ArgumentParser(
+        prog="parley", description="Reliable real-time chat rooms over WebSocket."
+    )
     parser.add_argument("--version", action="version", version=f"parley {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run a Parley server")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 8765; 0 picks a free one)")
-    serve.add_argument("--data-dir", type=Path, help="folder for the database and files (default ./parley-data)")
-    serve.add_argument("--store", help="store URL, e.g. sqlite:///path/parley.db (default: parley.db in --data-dir)")
-    serve.add_argument("--secret", help="HS256 secret for tokens (or PARLEY_SECRET); without one, auth is open")
-    serve.add_argument("--auth", choices=["auto", "open", "token"], help="open: trust `user` in hello (development)")
-    serve.add_argument("--ack-timeout", type=float, help="seconds before unacknowledged messages are resent (5)")
+    serve.add_argument(
+        "--data-dir", type=Path, help="folder for the database and files (default ./parley-data)"
+    )
+    serve.add_argument(
+        "--store", help="store URL, e.g. sqlite:///path/parley.db (default: parley.db in --data-dir)"
+    )
+    serve.add_argument(
+        "--secret", help="HS256 secret for tokens (or PARLEY_SECRET); without one, auth is open"
+    )
+    serve.add_argument(
+        "--auth", choices=["auto", "open", "token"], help="open: trust `user` in hello (development)"
+    )
+    serve.add_argument(
+        "--ack-timeout", type=float, help="seconds before unacknowledged messages are resent (5)"
+    )
     serve.add_argument("--heartbeat", type=float, help="seconds between WebSocket pings (25)")
     serve.add_argument("--hot-window", type=float, help="seconds of each room kept in the hot cache (3600)")
     serve.add_argument("--hot-max-per-room", type=int, help="messages per room kept in the hot cache (20000)")
     serve.add_argument("--max-body", type=int, help="largest message body in UTF-8 bytes (16384)")
     serve.add_argument("--shard-size", type=int, help="subscribers written per fan-out step (1000)")
-    serve.add_argument("--batch-window", type=float, help="seconds a merged frame waits for more messages (0.005)")
+    serve.add_argument(
+        "--batch-window", type=float, help="seconds a merged frame waits for more messages (0.005)"
+    )
     serve.add_argument("--send-rate", type=float, help="sends per second per connection (50)")
     serve.add_argument("--send-burst", type=int, help="sends a connection may burst above the rate (200)")
-    serve.add_argument("--config", type=Path, help="TOML file with settings; flags and PARLEY_* variables win")
+    serve.add_argument(
+        "--config", type=Path, help="TOML file with settings; flags and PARLEY_* variables win"
+    )
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     serve.add_argument("--no-uvloop", action="store_true", help="run on the standard asyncio event loop")
 
@@ -72,8 +88,21 @@ def run_serve(args: argparse.Namespace) -> int:
     flags: dict[str, Any] = {
         key: getattr(args, key)
         for key in (
-            "host", "port", "data_dir", "store", "secret", "auth", "ack_timeout", "heartbeat", "hot_window",
-            "hot_max_per_room", "max_body", "shard_size", "batch_window", "send_rate", "send_burst",
+            "host",
+            "port",
+            "data_dir",
+            "store",
+            "secret",
+            "auth",
+            "ack_timeout",
+            "heartbeat",
+            "hot_window",
+            "hot_max_per_room",
+            "max_body",
+            "shard_size",
+            "batch_window",
+            "send_rate",
+            "send_burst",
         )
     }
     try:

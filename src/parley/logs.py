@@ -12,7 +12,9 @@ class IdsFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        ids = [f"{key}={getattr(record, key)}" for key in FIELDS if getattr(record, key, None) not in (None, "")]
+        ids = [
+            f"{key}={getattr(record, key)}" for key in FIELDS if getattr(record, key, None) not in (None, "")
+        ]
         return f"{line} [{' '.join(ids)}]" if ids else line
 
 

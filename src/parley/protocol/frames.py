@@ -8,6 +8,7 @@ at most 8 levels. Anything else raises `FrameError` with the contract's code and
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,7 +204,7 @@ class FrameParser:
         return Ping()
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[FrameParser, dict[str, Any]], ClientFrame]] = {
     "hello": FrameParser._hello,
     "join": FrameParser._join,
     "leave": FrameParser._leave,

@@ -75,7 +75,8 @@ class App:
         ]
         if self.settings.open_auth:
             log.warning(
-                "open authentication: any client may name its user in hello (listening on %s)", self.settings.host
+                "open authentication: any client may name its user in hello (listening on %s)",
+                self.settings.host,
             )
 
     @property
@@ -97,7 +98,11 @@ class App:
         for connection in list(self.connections):
             if connection.transport is not None and not connection.closing:
                 connection.transport.pause_reading()
-        workers = [c.session_handler.worker for c in self.connections if c.session_handler and c.session_handler.worker]
+        workers = [
+            c.session_handler.worker
+            for c in self.connections
+            if c.session_handler and c.session_handler.worker
+        ]
         if workers:
             await asyncio.wait(workers, timeout=SHUTDOWN_DRAIN)
 
@@ -106,8 +111,9 @@ class App:
 
         for connection in list(self.connections):
             connection.shutdown(CLOSE_GOING_AWAY)
-        deadline = time.monotonic() + 2.0
-        while self.connections and time.monotonic() < deadline:
+        for _ in range(40):  # up to two seconds for clients to answer the close frames
+            if not self.connections:
+                break
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             connection.abort()
@@ -202,7 +208,12 @@ class App:
             "resends": self.hub.resends,
             "catch_ups": self.hub.catch_ups,
             "awaiting_ack": self.tracker.armed(),
-            "cache": {"hits": cache.hits, "misses": cache.misses, "rooms": cache.rooms, "entries": cache.entries},
+            "cache": {
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "rooms": cache.rooms,
+                "entries": cache.entries,
+            },
             "uptime": round(time.monotonic() - self.started, 3),
         }
 
@@ -212,7 +223,9 @@ async def serve(settings: Settings, announce: Any = print) -> int:
     app = App(settings)
     await app.start()
     app.install_signal_handlers()
-    announce(f"Parley listening on http://{settings.host}:{app.port} (WebSocket at ws://{settings.host}:{app.port}/ws)")
+    announce(
+        f"Parley listening on http://{settings.host}:{app.port} (WebSocket at ws://{settings.host}:{app.port}/ws)"
+    )
     log.info("started on %s:%d, data in %s", settings.host, app.port, settings.data_dir)
     await app.stopping.wait()
     await app.shutdown()

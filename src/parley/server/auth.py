@@ -51,4 +51,6 @@ def mint_token(user: str, secret: str, ttl: float = 30 * 86400, now: float | Non
     if NAME_PATTERN.fullmatch(user) is None:
         raise ValueError(f"invalid user name {user!r}: must be 1 to 64 of A-Z a-z 0-9 . _ : -")
     issued = int(time.time() if now is None else now)
-    return jwt.encode({"sub": user, "iat": issued, "exp": issued + int(ttl)}, secret, algorithm=TOKEN_ALGORITHM)
+    return jwt.encode(
+        {"sub": user, "iat": issued, "exp": issued + int(ttl)}, secret, algorithm=TOKEN_ALGORITHM
+    )

@@ -102,7 +102,9 @@ class Connection(asyncio.Protocol):
                 self._on_http_data(data)
         except CloseConnection as close:
             log.info(
-                "closing connection %s: %s", close.code, close.reason,
+                "closing connection %s: %s",
+                close.code,
+                close.reason,
                 extra={"session": self.session, "user": self.user},
             )
             self.close(close.code, close.reason)
@@ -141,7 +143,7 @@ class Connection(asyncio.Protocol):
         self.write(encode_frame(encode(frame)))
 
     def close(self, code: int, reason: str) -> None:
-        """Start the closing handshake with `code`; the socket closes when the client answers or soon after."""
+        """Start the closing handshake; the socket closes when the client answers, or after a grace period."""
         if self.closing or self.transport is None:
             return
         if self.reader is None:
@@ -175,7 +177,9 @@ class Connection(asyncio.Protocol):
 
     def _on_close_frame(self, event: websocket.CloseReceived) -> None:
         log.info(
-            "client closed with %s %s", event.code, event.reason[:120],
+            "client closed with %s %s",
+            event.code,
+            event.reason[:120],
             extra={"session": self.session, "user": self.user},
         )
         if self.transport is None:
@@ -292,13 +296,17 @@ class Connection(asyncio.Protocol):
             or headers.get("sec-websocket-version") != "13"
             or len(key) != 24
         ):
-            self._send_response(400, [("content-type", "text/plain")], b"a WebSocket upgrade (version 13) is required\n")
+            self._send_response(
+                400, [("content-type", "text/plain")], b"a WebSocket upgrade (version 13) is required\n"
+            )
             self.transport.close()
             return
 
         refusal = self.app.admit_handshake()
         if refusal is not None:
-            self._send_response(503, [("retry-after", str(refusal)), ("content-type", "text/plain")], b"busy\n")
+            self._send_response(
+                503, [("retry-after", str(refusal)), ("content-type", "text/plain")], b"busy\n"
+            )
             self.transport.close()
             return
 
@@ -316,7 +324,9 @@ class Connection(asyncio.Protocol):
         offered = [item.strip() for item in headers.get("sec-websocket-protocol", "").split(",")]
         if "parley.v1" in offered:
             response_headers.append(("sec-websocket-protocol", "parley.v1"))
-        self.transport.write(self.http.send(h11.InformationalResponse(status_code=101, headers=response_headers)))
+        self.transport.write(
+            self.http.send(h11.InformationalResponse(status_code=101, headers=response_headers))
+        )
         trailing, _closed = self.http.trailing_data
         self.http = None
 

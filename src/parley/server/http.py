@@ -112,7 +112,9 @@ class HttpRoutes:
         members = await self.app.store.members(room)
         delivered = sum(1 for member in members if (member.cursor or 0) >= seq)
         read = sum(1 for member in members if member.read >= seq)
-        return json_response(200, {"room": room, "seq": seq, "delivered": delivered, "read": read, "members": len(members)})
+        return json_response(
+            200, {"room": room, "seq": seq, "delivered": delivered, "read": read, "members": len(members)}
+        )
 
     def static_file(self, path: str) -> Response:
         relative = "index.html" if path in ("", "/") else path.lstrip("/")

@@ -223,7 +223,10 @@ class Hub:
         peer.subscriptions[room.name] = subscription
         (room.batched if peer.batch else room.plain).add(subscription)
         self._set_online(room, peer.user, +1)
-        self._start_catch_up(subscription)
+        if since >= room.head:
+            subscription.live = True
+        else:
+            self._start_catch_up(subscription)
         return subscription
 
     def unsubscribe(self, peer: Peer, room_name: str) -> None:
@@ -282,7 +285,9 @@ class Hub:
                     continue
                 if not entries:
                     log.error(
-                        "catch-up read nothing after seq %d below head %d", subscription.sent, room.head,
+                        "catch-up read nothing after seq %d below head %d",
+                        subscription.sent,
+                        room.head,
                         extra={"session": peer.session, "user": peer.user, "room": room.name},
                     )
                     peer.lagging.discard(subscription)
@@ -332,14 +337,20 @@ class Hub:
             if isinstance(action, GiveUp):
                 log.info(
                     "closing after unacknowledged resends",
-                    extra={"session": peer.session, "user": peer.user, "room": subscription.room,
-                           "seq": subscription.acked + 1},
+                    extra={
+                        "session": peer.session,
+                        "user": peer.user,
+                        "room": subscription.room,
+                        "seq": subscription.acked + 1,
+                    },
                 )
                 peer.close(CLOSE_ACK_TIMEOUT, "acknowledgement timeout")
             elif isinstance(action, Resend):
                 self.resends += 1
                 log.debug(
-                    "resending %d..%d", action.first, action.last,
+                    "resending %d..%d",
+                    action.first,
+                    action.last,
                     extra={"session": peer.session, "user": peer.user, "room": subscription.room},
                 )
                 self.tracker.rewind(subscription, subscription.acked)
@@ -391,5 +402,6 @@ class Hub:
         for user in sorted(pending):
             delivered, read = room.marks[user]
             self.broadcast(
-                room, {"type": "receipt", "room": room.name, "user": user, "delivered": delivered, "read": read}
+                room,
+                {"type": "receipt", "room": room.name, "user": user, "delivered": delivered, "read": read},
             )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +18,12 @@ import orjson
 
 from parley.protocol import errors
 from parley.protocol.errors import CloseConnection, FrameError
-from parley.protocol.frames import Ack, ClientFrame, FrameParser, Hello, History, Join, Leave, Ping, Read, Send
+from parley.protocol.frames import Ack, ClientFrame, Hello, History, Join, Leave, Ping, Read, Send
 from parley.protocol.model import AppendResult
 from parley.server.auth import AuthError
 from parley.server.ratelimit import TokenBucket
 from parley.server.websocket import encode_frame
+from parley.storage.base import NotMemberError
 
 if TYPE_CHECKING:
     from parley.server.app import App
@@ -34,31 +34,23 @@ log = logging.getLogger("parley.session")
 
 ERROR_WINDOW = 10.0
 MAX_ERRORS_IN_WINDOW = 20
-Handler = Callable[[Any], Coroutine[Any, Any, None] | None]
+Handler = Callable[["Session", Any], Coroutine[Any, Any, None] | None]
 
 
 class Session:
     """Frame handling for one connection, from `hello` to close."""
 
+    __slots__ = ("app", "connection", "errors", "inbox", "send_bucket", "user", "worker")
+
     def __init__(self, app: App, connection: Connection) -> None:
         self.app = app
         self.connection = connection
-        self.parser: FrameParser = app.parser
         self.user: str | None = None
-        self.inbox: deque[ClientFrame | FrameError] = deque()
+        # Plain lists, not deques: an idle session should cost as little memory as possible.
+        self.inbox: list[ClientFrame | FrameError] = []
         self.worker: asyncio.Task[None] | None = None
-        self.errors: deque[float] = deque()
+        self.errors: list[float] = []
         self.send_bucket = TokenBucket(app.settings.send_rate, app.settings.send_burst)
-        self.handlers: dict[type, Handler] = {
-            Hello: self.on_hello_again,
-            Join: self.on_join,
-            Leave: self.on_leave,
-            Send: self.on_send,
-            Ack: self.on_ack,
-            Read: self.on_read,
-            History: self.on_history,
-            Ping: self.on_ping,
-        }
 
     @property
     def ids(self) -> dict[str, Any]:
@@ -67,7 +59,7 @@ class Session:
     # Input
 
     def on_text(self, payload: bytes) -> None:
-        items = self.parser.parse_message(payload)
+        items = self.app.parser.parse_message(payload)
         if self.user is None and self.worker is None and not self.inbox:
             first = items[0] if items else None
             if not isinstance(first, Hello):
@@ -89,7 +81,7 @@ class Session:
     def _drain_inline(self) -> None:
         """Handle queued frames now, until one needs to wait; hand the rest to a worker task."""
         while self.inbox and not self.connection.closing:
-            item = self.inbox.popleft()
+            item = self.inbox.pop(0)
             pending = self._dispatch(item)
             if pending is not None:
                 self.worker = asyncio.get_running_loop().create_task(self._work(pending))
@@ -99,7 +91,7 @@ class Session:
         try:
             await self._guard(pending)
             while self.inbox and not self.connection.closing:
-                item = self.inbox.popleft()
+                item = self.inbox.pop(0)
                 step = self._dispatch(item)
                 if step is not None:
                     await self._guard(step)
@@ -124,7 +116,7 @@ class Session:
         if isinstance(item, Hello) and self.user is None:
             return self.on_hello(item)
         try:
-            return self.handlers[type(item)](item)
+            return HANDLERS[type(item)](self, item)
         except FrameError as error:
             self.reject(error)
         return None
@@ -139,9 +131,8 @@ class Session:
         log.info("rejected frame: %s", error, extra={**self.ids, "ref": error.ref})
         self.reply(error.to_frame())
         now = time.monotonic()
+        self.errors = [stamp for stamp in self.errors if stamp >= now - ERROR_WINDOW]
         self.errors.append(now)
-        while self.errors and self.errors[0] < now - ERROR_WINDOW:
-            self.errors.popleft()
         if len(self.errors) > MAX_ERRORS_IN_WINDOW:
             log.info("closing after repeated errors", extra=self.ids)
             self.connection.close(errors.CLOSE_POLICY, "too many errors")
@@ -163,17 +154,19 @@ class Session:
         self.app.remember_user_connection(connection)
         settings = self.app.settings
         limits = self.app.limits
-        self.reply({
-            "type": "welcome",
-            "protocol": 1,
-            "user": user,
-            "session": connection.session,
-            "heartbeat": int(settings.heartbeat * 1000),
-            "ack_timeout": int(settings.ack_timeout * 1000),
-            "max_body": limits.max_body,
-            "max_meta": limits.max_meta,
-            "max_frame": limits.max_frame,
-        })
+        self.reply(
+            {
+                "type": "welcome",
+                "protocol": 1,
+                "user": user,
+                "session": connection.session,
+                "heartbeat": int(settings.heartbeat * 1000),
+                "ack_timeout": int(settings.ack_timeout * 1000),
+                "max_body": limits.max_body,
+                "max_meta": limits.max_meta,
+                "max_frame": limits.max_frame,
+            }
+        )
         log.info("connected", extra={**self.ids, "peer": connection.peer_address, "device": hello.device})
 
         for membership in await self.app.store.memberships(user):
@@ -186,7 +179,9 @@ class Session:
             self.follow(room, since, epoch, None)
 
     async def on_hello_again(self, hello: Hello) -> None:
-        raise FrameError(errors.INVALID_FIELD, "hello: already received on this connection", {"type": "hello"})
+        raise FrameError(
+            errors.INVALID_FIELD, "hello: already received on this connection", {"type": "hello"}
+        )
 
     def follow(self, room: Room, since: int | None, epoch: str | None, last: int | None) -> int:
         """Reply `joined` and subscribe from the resolved position; return that position."""
@@ -199,7 +194,13 @@ class Session:
         if since is None:
             since = max(0, head - last) if last is not None else (0 if reset else head)
 
-        joined: dict[str, Any] = {"type": "joined", "room": room.name, "epoch": room.epoch, "head": head, "since": since}
+        joined: dict[str, Any] = {
+            "type": "joined",
+            "room": room.name,
+            "epoch": room.epoch,
+            "head": head,
+            "since": since,
+        }
         if reset:
             joined["reset"] = True
         online = self.app.hub.online_users(room)
@@ -214,7 +215,9 @@ class Session:
     async def on_join(self, frame: Join) -> None:
         user = self.require_user()
         if not self.app.may_join(user, frame.room):
-            raise FrameError(errors.FORBIDDEN, f"room {frame.room}: private", {"type": "join", "room": frame.room})
+            raise FrameError(
+                errors.FORBIDDEN, f"room {frame.room}: private", {"type": "join", "room": frame.room}
+            )
 
         info, membership, _was_member = await self.app.store.join(user, frame.room)
         room = self.app.hub.room(info.room, info.head, info.epoch)
@@ -254,7 +257,9 @@ class Session:
 
     def submit_send(self, user: str, frame: Send, ref: dict[str, Any]) -> None:
         ts = int(time.time() * 1000)
-        future = asyncio.ensure_future(self.app.store.append(frame.room, user, frame.id, frame.body, frame.meta, ts))
+        future = asyncio.ensure_future(
+            self.app.store.append(frame.room, user, frame.id, frame.body, frame.meta, ts)
+        )
         future.add_done_callback(lambda done: self.on_stored(done, ref))
 
     def on_stored(self, done: asyncio.Future[AppendResult], ref: dict[str, Any]) -> None:
@@ -262,19 +267,38 @@ class Session:
             return
         error = done.exception()
         if error is not None:
-            log.error("storing a message failed: %s", error, extra={**self.ids, "room": ref["room"], "id": ref["id"]})
-            self.reply({"type": "error", "code": errors.INTERNAL, "message": "storing the message failed", "ref": ref})
+            log.error(
+                "storing a message failed: %s",
+                error,
+                extra={**self.ids, "room": ref["room"], "id": ref["id"]},
+            )
+            self.reply(
+                {
+                    "type": "error",
+                    "code": errors.INTERNAL,
+                    "message": "storing the message failed",
+                    "ref": ref,
+                }
+            )
             return
         result = done.result()
         message = result.message
         if result.conflict:
-            self.reject(FrameError(
-                errors.ID_CONFLICT,
-                f"id {message.id} is already stored as seq {message.seq} with another body or meta",
-                ref,
-            ))
+            self.reject(
+                FrameError(
+                    errors.ID_CONFLICT,
+                    f"id {message.id} is already stored as seq {message.seq} with another body or meta",
+                    ref,
+                )
+            )
             return
-        sent: dict[str, Any] = {"type": "sent", "room": message.room, "id": message.id, "seq": message.seq, "ts": message.ts}
+        sent: dict[str, Any] = {
+            "type": "sent",
+            "room": message.room,
+            "id": message.id,
+            "seq": message.seq,
+            "ts": message.ts,
+        }
         if result.dup:
             sent["dup"] = True
         self.reply(sent)
@@ -289,7 +313,8 @@ class Session:
         room = self.app.hub.room(frame.room)
         if frame.seq > room.head:
             raise FrameError(
-                errors.INVALID_FIELD, f"seq: {frame.seq} is beyond the room's head {room.head}",
+                errors.INVALID_FIELD,
+                f"seq: {frame.seq} is beyond the room's head {room.head}",
                 {"type": "ack", "room": frame.room},
             )
         self.app.hub.tracker.on_ack(subscription, frame.seq, time.monotonic())
@@ -298,10 +323,14 @@ class Session:
 
     async def ack_after_member_check(self, user: str, frame: Ack) -> None:
         if not await self.app.store.is_member(user, frame.room):
-            raise FrameError(errors.NOT_JOINED, f"room {frame.room}: not a member", {"type": "ack", "room": frame.room})
+            raise FrameError(
+                errors.NOT_JOINED, f"room {frame.room}: not a member", {"type": "ack", "room": frame.room}
+            )
         info = await self.app.store.room_info(frame.room)
         if info is None or frame.seq > info.head:
-            raise FrameError(errors.INVALID_FIELD, "seq: beyond the room's head", {"type": "ack", "room": frame.room})
+            raise FrameError(
+                errors.INVALID_FIELD, "seq: beyond the room's head", {"type": "ack", "room": frame.room}
+            )
         self.submit_cursor(user, frame.room, frame.seq)
 
     def submit_cursor(self, user: str, room: str, seq: int) -> None:
@@ -310,10 +339,21 @@ class Session:
         def on_done(done: asyncio.Future[int]) -> None:
             if done.cancelled():
                 return
-            if done.exception() is not None:
-                log.error("storing a cursor failed: %s", done.exception(), extra={**self.ids, "room": room, "seq": seq})
-                self.reply({"type": "error", "code": errors.INTERNAL, "message": "storing the ack failed",
-                            "ref": {"type": "ack", "room": room}})
+            error = done.exception()
+            ref = {"type": "ack", "room": room}
+            if isinstance(error, NotMemberError):
+                self.reject(FrameError(errors.NOT_JOINED, f"room {room}: not a member", ref))
+                return
+            if error is not None:
+                log.error("storing a cursor failed: %s", error, extra={**self.ids, "room": room, "seq": seq})
+                self.reply(
+                    {
+                        "type": "error",
+                        "code": errors.INTERNAL,
+                        "message": "storing the ack failed",
+                        "ref": ref,
+                    }
+                )
                 return
             stored = done.result()
             self.reply({"type": "acked", "room": room, "seq": stored})
@@ -330,17 +370,23 @@ class Session:
 
     async def read_after_member_check(self, user: str, frame: Read) -> None:
         if not await self.app.store.is_member(user, frame.room):
-            raise FrameError(errors.NOT_JOINED, f"room {frame.room}: not a member", {"type": "read", "room": frame.room})
+            raise FrameError(
+                errors.NOT_JOINED, f"room {frame.room}: not a member", {"type": "read", "room": frame.room}
+            )
         self.submit_read(user, frame.room, frame.seq)
 
     def submit_read(self, user: str, room: str, seq: int) -> None:
-        future = asyncio.ensure_future(self.app.store.advance_read(user, room, min(seq, self.app.hub.room(room).head)))
+        future = asyncio.ensure_future(
+            self.app.store.advance_read(user, room, min(seq, self.app.hub.room(room).head))
+        )
 
         def on_done(done: asyncio.Future[int]) -> None:
             if done.cancelled():
                 return
             if done.exception() is not None:
-                log.error("storing a read marker failed: %s", done.exception(), extra={**self.ids, "room": room})
+                log.error(
+                    "storing a read marker failed: %s", done.exception(), extra={**self.ids, "room": room}
+                )
                 return
             self.app.hub.on_marks(room, user, None, done.result())
 
@@ -366,3 +412,15 @@ class Session:
         if self.user is None:
             raise CloseConnection(errors.CLOSE_POLICY, "the first frame must be hello")
         return self.user
+
+
+HANDLERS: dict[type, Handler] = {
+    Hello: Session.on_hello_again,
+    Join: Session.on_join,
+    Leave: Session.on_leave,
+    Send: Session.on_send,
+    Ack: Session.on_ack,
+    Read: Session.on_read,
+    History: Session.on_history,
+    Ping: Session.on_ping,
+}

@@ -150,7 +150,9 @@ class FrameReader:
             raise CloseConnection(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
         already = self._fragments_size if opcode == OP_CONTINUATION else 0
         if already + length > self.max_message:
-            raise CloseConnection(CLOSE_TOO_LARGE, f"message longer than max_frame ({self.max_message} bytes)")
+            raise CloseConnection(
+                CLOSE_TOO_LARGE, f"message longer than max_frame ({self.max_message} bytes)"
+            )
 
     def _on_frame(self, final: bool, opcode: int, payload: bytes) -> Event | None:
         if opcode >= OP_CLOSE:
