@@ -1,0 +1,214 @@
+"""SQLite-specific behaviour of the store: group commit, file settings, URLs and broken files."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from parley.protocol.model import AppendResult, Message
+from parley.storage import SqliteStore, StoreError, open_store, sqlite_path
+from parley.storage.sqlite import SCHEMA_VERSION, _Kind, _Write, merge_marker_updates
+
+
+@contextmanager
+def held_write_lock(path: Path) -> Iterator[None]:
+    """Hold the database's write lock from another connection, so the store's writer waits for it."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        yield
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
+
+
+async def test_failing_write_shares_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "parley.db"
+    store = SqliteStore(path)
+    calls: list[list[Message]] = []
+
+    def record(messages: Sequence[Message]) -> None:
+        calls.append(list(messages))
+
+    store.set_commit_listener(record)
+    await store.open()
+    bodies = [f"text {index}" for index in range(100)]
+    bodies[50] = "\ud800"
+
+    # While the lock is held the writer can take at most one batch, so the 100 appends are queued
+    # before it commits, and they land in at most two transactions.
+    with held_write_lock(path):
+        tasks = [
+            asyncio.create_task(store.append("lobby", "alice", f"m{index}", body, None, 1000))
+            for index, body in enumerate(bodies)
+        ]
+        await asyncio.sleep(0)
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    await store.close()
+
+    assert len(calls) <= 2
+    assert isinstance(outcomes[50], StoreError)
+    seqs = [outcome.message.seq for outcome in outcomes if isinstance(outcome, AppendResult)]
+    assert seqs == list(range(1, 100))
+    assert [message.seq for call in calls for message in call] == list(range(1, 100))
+
+
+async def wait_for_queued(store: SqliteStore, count: int) -> None:
+    """Wait until the store's queue contains `count` writes, for tests that control batch contents."""
+    for _ in range(10_000):
+        if store._queue.qsize() == count:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"the writer queue never reached {count} items")
+
+
+async def test_close_commits_writes_queued_with_stop(tmp_path: Path) -> None:
+    path = tmp_path / "parley.db"
+    store = SqliteStore(path)
+    await store.open()
+
+    # The writer takes the first append and waits for the lock, so the other appends and the stop
+    # signal from close() are queued together and taken in one drain.
+    with held_write_lock(path):
+        first = asyncio.create_task(store.append("lobby", "alice", "first", "x", None, 1000))
+        await asyncio.sleep(0)
+        await wait_for_queued(store, 0)
+        tasks = [
+            asyncio.create_task(store.append("lobby", "alice", f"m{index}", "x", None, 1000))
+            for index in range(300)
+        ]
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(store.close())
+        await wait_for_queued(store, 301)
+
+    async with asyncio.timeout(60):
+        await closing
+        results = await asyncio.gather(first, *tasks)
+
+    assert [result.message.seq for result in results] == list(range(1, 302))
+    assert not path.with_name(path.name + "-wal").exists()
+
+
+async def test_commit_listener_error_still_confirms(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "parley.db")
+
+    def broken(messages: Sequence[Message]) -> None:
+        raise RuntimeError("listener bug")
+
+    store.set_commit_listener(broken)
+    await store.open()
+    try:
+        result = await store.append("lobby", "alice", "m1", "hello", None, 1000)
+    finally:
+        await store.close()
+
+    assert result.message.seq == 1
+
+
+async def test_file_uses_wal_and_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "parley.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.append("lobby", "alice", "m1", "hello", None, 1000)
+
+    connection = sqlite3.connect(path)
+    try:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        connection.close()
+        await store.close()
+
+
+async def test_open_rejects_non_database(tmp_path: Path) -> None:
+    path = tmp_path / "parley.db"
+    path.write_bytes(b"this is not an SQLite database, just some bytes" * 100)
+    store = SqliteStore(path)
+
+    with pytest.raises(StoreError, match="failed to open"):
+        await store.open()
+    await store.close()
+
+
+async def test_open_rejects_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "parley.db"
+    connection = sqlite3.connect(path)
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+
+    with pytest.raises(StoreError, match="newer"):
+        await SqliteStore(path).open()
+
+
+async def test_open_twice_raises(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "parley.db")
+    await store.open()
+    try:
+        with pytest.raises(StoreError, match="already opened"):
+            await store.open()
+    finally:
+        await store.close()
+
+
+async def test_merge_marker_updates_keeps_highest() -> None:
+    loop = asyncio.get_running_loop()
+
+    def write(kind: _Kind, *args: object) -> _Write:
+        return _Write(kind, args, loop.create_future())
+
+    cursor_first = write(_Kind.ADVANCE_CURSOR, "alice", "lobby", 9)
+    read = write(_Kind.ADVANCE_READ, "alice", "lobby", 4)
+    cursor_last = write(_Kind.ADVANCE_CURSOR, "alice", "lobby", 3)
+    other_user = write(_Kind.ADVANCE_CURSOR, "bob", "lobby", 2)
+    separated = write(_Kind.ADVANCE_CURSOR, "carol", "lobby", 5)
+    leave = write(_Kind.LEAVE, "carol", "lobby")
+    separated_after = write(_Kind.ADVANCE_CURSOR, "carol", "lobby", 6)
+    writes = [cursor_first, read, cursor_last, other_user, separated, leave, separated_after]
+
+    runnable = merge_marker_updates(writes)
+
+    assert runnable == [read, cursor_last, other_user, separated, leave, separated_after]
+    assert cursor_first.leader is cursor_last
+    assert cursor_last.args == ("alice", "lobby", 9)
+    assert separated.leader is None
+    assert separated_after.leader is None
+
+
+def test_sqlite_path_forms() -> None:
+    data_dir = Path("/var/lib/parley")
+
+    assert sqlite_path("", data_dir) == data_dir / "parley.db"
+    assert sqlite_path("sqlite://", data_dir) == data_dir / "parley.db"
+    assert sqlite_path("sqlite:", data_dir) == data_dir / "parley.db"
+    assert sqlite_path("sqlite:///srv/chat.db", data_dir) == Path("/srv/chat.db")
+    assert sqlite_path("sqlite:////srv/chat.db", data_dir) == Path("/srv/chat.db")
+    assert sqlite_path("sqlite:sub/chat%20room.db", data_dir) == data_dir / "sub" / "chat room.db"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://127.0.0.1/test", "unsupported store URL"),
+        ("sqlite://host/chat.db", "names host"),
+        ("sqlite:///chat.db?mode=ro", "query"),
+    ],
+)
+def test_sqlite_path_rejects(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        sqlite_path(url, Path("/data"))
+
+
+async def test_open_store_default_file(tmp_path: Path) -> None:
+    store = open_store("", tmp_path / "data")
+    await store.open()
+    try:
+        await store.join("alice", "lobby")
+    finally:
+        await store.close()
+
+    assert (tmp_path / "data" / "parley.db").is_file()
