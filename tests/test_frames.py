@@ -73,7 +73,7 @@ def test_invalid_frames_get_their_code(text: str, code: str) -> None:
 
 
 def test_meta_at_max_depth_is_accepted() -> None:
-    text = '{"type":"send","room":"r","id":"x","body":"","meta":' + '{"a":' * 7 + "1" + "}" * 7 + "}"
+    text = '{"type":"send","room":"r","id":"x","body":"","meta":' + '{"a":' * 7 + "[1]" + "}" * 7 + "}"
     item = parse_one(text)
     assert isinstance(item, Send)
 

@@ -283,7 +283,8 @@ def check_meta(meta: Any, max_meta: int) -> None:
 
 
 def check_depth(value: Any, depth: int) -> None:
-    if depth > MAX_META_DEPTH:
+    """Count objects and arrays as levels; a scalar inside the deepest allowed level is fine."""
+    if isinstance(value, dict | list) and depth > MAX_META_DEPTH:
         raise FrameError(INVALID_FIELD, f"meta: nested deeper than {MAX_META_DEPTH} levels")
     if isinstance(value, dict):
         for key, item in value.items():

@@ -46,6 +46,7 @@ class App:
             self.tracker,
             shard_size=settings.shard_size,
             batch_max=settings.batch_max,
+            batch_window=settings.batch_window,
             presence_limit=settings.presence_limit,
             receipt_interval=settings.receipt_interval,
         )

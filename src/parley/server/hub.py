@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from parley.cache.base import Entry, HotCache
@@ -74,6 +74,8 @@ class Room:
         "fanout_task",
         "head",
         "marks",
+        "merge_handle",
+        "merge_pending",
         "name",
         "online",
         "plain",
@@ -87,8 +89,10 @@ class Room:
         self.epoch = epoch
         self.plain: set[Subscription] = set()
         self.batched: set[Subscription] = set()
-        self.fanout_queue: list[Entry] = []
+        self.fanout_queue: list[tuple[bool, list[Entry]]] = []
         self.fanout_task: asyncio.Task[None] | None = None
+        self.merge_pending: list[Entry] = []
+        self.merge_handle: asyncio.TimerHandle | None = None
         self.online: dict[str, int] = {}
         self.marks: dict[str, list[int]] = {}
         self.receipts_pending: set[str] = set()
@@ -110,6 +114,7 @@ class Hub:
         *,
         shard_size: int = 1000,
         batch_max: int = 256,
+        batch_window: float = 0.005,
         presence_limit: int = 200,
         receipt_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
@@ -119,6 +124,7 @@ class Hub:
         self.tracker = tracker
         self.shard_size = shard_size
         self.batch_max = batch_max
+        self.batch_window = batch_window
         self.presence_limit = presence_limit
         self.receipt_interval = receipt_interval
         self.clock = clock
@@ -151,48 +157,64 @@ class Hub:
         for name, entries in groups.items():
             room = self.room(name)
             room.head = max(room.head, entries[-1].message.seq)
-            if room.fanout_task is not None:
-                room.fanout_queue.extend(entries)
-            elif room.subscriber_count <= self.shard_size:
-                self._write_live(room, entries, room.plain, room.batched)
-            else:
-                room.fanout_queue.extend(entries)
-                room.fanout_task = asyncio.get_running_loop().create_task(self._fan_out_sharded(room))
+            if room.plain:
+                self._fan_out(room, False, entries)
+            if room.batched:
+                self._queue_merged(room, entries)
+
+    def _queue_merged(self, room: Room, entries: list[Entry]) -> None:
+        """Hold messages for `batch` connections until the window closes or the batch is full."""
+        room.merge_pending.extend(entries)
+        if len(room.merge_pending) >= self.batch_max:
+            self._flush_merged(room)
+        elif room.merge_handle is None:
+            room.merge_handle = asyncio.get_running_loop().call_later(
+                self.batch_window, self._flush_merged, room
+            )
+
+    def _flush_merged(self, room: Room) -> None:
+        if room.merge_handle is not None:
+            room.merge_handle.cancel()
+            room.merge_handle = None
+        entries, room.merge_pending = room.merge_pending, []
+        if entries:
+            self._fan_out(room, True, entries)
+
+    def _fan_out(self, room: Room, merged: bool, entries: list[Entry]) -> None:
+        """Write entries to one kind of subscriber now, or through the room's sharded fan-out task."""
+        subscriptions = room.batched if merged else room.plain
+        if room.fanout_task is None and len(subscriptions) <= self.shard_size:
+            self._write_live(entries, subscriptions, merged)
+            return
+        room.fanout_queue.append((merged, entries))
+        if room.fanout_task is None:
+            room.fanout_task = asyncio.get_running_loop().create_task(self._fan_out_sharded(room))
 
     async def _fan_out_sharded(self, room: Room) -> None:
         try:
             while room.fanout_queue:
-                entries = room.fanout_queue[: self.batch_max]
-                del room.fanout_queue[: self.batch_max]
-                plain = list(room.plain)
-                batched = list(room.batched)
-                for start in range(0, max(len(plain), len(batched)), self.shard_size):
-                    end = start + self.shard_size
-                    self._write_live(room, entries, plain[start:end], batched[start:end])
+                merged, entries = room.fanout_queue.pop(0)
+                subscriptions = list(room.batched if merged else room.plain)
+                for start in range(0, len(subscriptions), self.shard_size):
+                    self._write_live(entries, subscriptions[start : start + self.shard_size], merged)
                     await asyncio.sleep(0)
         except Exception:
             log.exception("fan-out failed", extra={"room": room.name})
         finally:
             room.fanout_task = None
 
-    def _write_live(
-        self,
-        room: Room,
-        entries: list[Entry],
-        plain: Any,
-        batched: Any,
-    ) -> None:
+    def _write_live(self, entries: list[Entry], subscriptions: Iterable[Subscription], merged: bool) -> None:
         first = entries[0].message.seq
         last = entries[-1].message.seq
-        now = self.clock()
-        if plain:
-            data = b"".join([encode_frame(entry.frame) for entry in entries])
-            self._write_to(plain, data, first, last, now)
-        if batched:
+        if merged:
             data = encode_frame(b"[" + b",".join([entry.frame for entry in entries]) + b"]")
-            self._write_to(batched, data, first, last, now)
+        else:
+            data = b"".join([encode_frame(entry.frame) for entry in entries])
+        self._write_to(subscriptions, data, first, last, self.clock())
 
-    def _write_to(self, subscriptions: Any, data: bytes, first: int, last: int, now: float) -> None:
+    def _write_to(
+        self, subscriptions: Iterable[Subscription], data: bytes, first: int, last: int, now: float
+    ) -> None:
         expected = first - 1
         on_sent = self.tracker.on_sent
         written = 0

@@ -61,12 +61,22 @@ class Session:
     def on_text(self, payload: bytes) -> None:
         items = self.app.parser.parse_message(payload)
         if self.user is None and self.worker is None and not self.inbox:
-            first = items[0] if items else None
-            if not isinstance(first, Hello):
-                raise CloseConnection(errors.CLOSE_POLICY, "the first frame must be hello")
+            items = self._expect_hello(items)
         self.inbox.extend(items)
         if self.worker is None:
             self._drain_inline()
+
+    def _expect_hello(self, items: list[ClientFrame | FrameError]) -> list[ClientFrame | FrameError]:
+        """Check that a session's first frame is a hello; a hello with an invalid field may be retried."""
+        while items:
+            first = items[0]
+            if not isinstance(first, FrameError) or (first.ref or {}).get("type") != "hello":
+                break
+            self.reject(first)
+            items.pop(0)
+        if items and not isinstance(items[0], Hello):
+            raise CloseConnection(errors.CLOSE_POLICY, "the first frame must be hello")
+        return items
 
     def on_binary(self, size: int) -> None:
         self.reject(FrameError(errors.BAD_FRAME, "binary messages are not accepted; send JSON text"))
