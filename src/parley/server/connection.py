@@ -150,6 +150,8 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             return
         self.transport.write(encode_close(code, reason))
+        # Reading may be paused by a shutdown; the client's close reply must still be read.
+        self.transport.resume_reading()
         self.closing_since = time.monotonic()
         self.app.hub.disconnect(self)
         self._close_handle = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
