@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--batch-window", type=float, help="seconds a merged frame waits for more messages (0.005)"
     )
+    serve.add_argument("--presence-limit", type=int, help="largest room that gets presence frames (200)")
+    serve.add_argument("--receipt-limit", type=int, help="largest room that gets receipt frames (50)")
     serve.add_argument("--send-rate", type=float, help="sends per second per connection (50)")
     serve.add_argument("--send-burst", type=int, help="sends a connection may burst above the rate (200)")
     serve.add_argument(
@@ -56,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("user")
     token.add_argument("--secret", help="HS256 secret (or PARLEY_SECRET)")
     token.add_argument("--ttl", type=float, default=30 * 86400, help="seconds until it expires (30 days)")
+
+    from parley.bench import command as bench_command
+
+    bench = commands.add_parser("bench", help="measure a server under load, beside baseline servers")
+    bench_command.add_arguments(bench)
+
+    from parley.verify import command as verify_command
+
+    verify = commands.add_parser("verify", help="check reliable delivery under injected faults")
+    verify_command.add_arguments(verify)
 
     chat = commands.add_parser("chat", help="chat in a room from the terminal")
     try:
@@ -72,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "token":
         return run_token(args)
+    if args.command == "bench":
+        from parley.bench import command as bench_command
+
+        return bench_command.run(args)
+    if args.command == "verify":
+        from parley.verify import command as verify_command
+
+        return verify_command.run(args)
     if args.command == "chat":
         from parley.client import terminal
 
@@ -103,6 +123,8 @@ def run_serve(args: argparse.Namespace) -> int:
             "batch_window",
             "send_rate",
             "send_burst",
+            "presence_limit",
+            "receipt_limit",
         )
     }
     try:

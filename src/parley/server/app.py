@@ -48,6 +48,7 @@ class App:
             batch_max=settings.batch_max,
             batch_window=settings.batch_window,
             presence_limit=settings.presence_limit,
+            receipt_limit=settings.receipt_limit,
             receipt_interval=settings.receipt_interval,
         )
         self.http = HttpRoutes(self)

@@ -37,6 +37,7 @@ class Settings:
     max_connections: int = 100_000
     handshake_rate: float = 5000.0
     presence_limit: int = 200
+    receipt_limit: int = 50
     receipt_interval: float = 0.5
     web: bool = True
 

@@ -116,6 +116,7 @@ class Hub:
         batch_max: int = 256,
         batch_window: float = 0.005,
         presence_limit: int = 200,
+        receipt_limit: int = 50,
         receipt_interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -126,6 +127,7 @@ class Hub:
         self.batch_max = batch_max
         self.batch_window = batch_window
         self.presence_limit = presence_limit
+        self.receipt_limit = receipt_limit
         self.receipt_interval = receipt_interval
         self.clock = clock
         self.rooms: dict[str, Room] = {}
@@ -396,17 +398,23 @@ class Hub:
             return None
         return sorted(room.online)
 
-    def broadcast(self, room: Room, frame: dict[str, Any]) -> None:
-        """Write a control frame (presence, receipt) to every subscriber of the room."""
-        data = encode_frame(encode(frame))
-        for subscription in (*room.plain, *room.batched):
-            if not subscription.peer.paused:
-                subscription.peer.write(data)
+    def broadcast(self, room: Room, *frames: dict[str, Any]) -> None:
+        """Write control frames (presence, receipts) to every subscriber of the room in one write each.
+
+        Plain connections get the frames back to back, `batch` connections one array frame.
+        """
+        encoded = [encode(frame) for frame in frames]
+        plain = b"".join([encode_frame(item) for item in encoded])
+        merged = encode_frame(b"[" + b",".join(encoded) + b"]") if len(encoded) > 1 else plain
+        for subscriptions, data in ((room.plain, plain), (room.batched, merged)):
+            for subscription in subscriptions:
+                if not subscription.peer.paused:
+                    subscription.peer.write(data)
 
     def on_marks(self, room_name: str, user: str, delivered: int | None, read: int | None) -> None:
         """Record a member's stored cursor or read marker and schedule a throttled receipt."""
         room = self.rooms.get(room_name)
-        if room is None or room.subscriber_count > self.presence_limit:
+        if room is None or room.subscriber_count > self.receipt_limit:
             return
         marks = room.marks.setdefault(user, [0, 0])
         if delivered is not None:
@@ -421,9 +429,10 @@ class Hub:
     def _flush_receipts(self, room: Room) -> None:
         room.receipt_handle = None
         pending, room.receipts_pending = room.receipts_pending, set()
-        for user in sorted(pending):
-            delivered, read = room.marks[user]
-            self.broadcast(
-                room,
-                {"type": "receipt", "room": room.name, "user": user, "delivered": delivered, "read": read},
-            )
+        receipts = [
+            {"type": "receipt", "room": room.name, "user": user, "delivered": marks[0], "read": marks[1]}
+            for user in sorted(pending)
+            for marks in (room.marks[user],)
+        ]
+        if receipts:
+            self.broadcast(room, *receipts)
