@@ -273,6 +273,22 @@ async def test_cursor_never_moves_back(store: Store) -> None:
     assert membership.cursor == 200
 
 
+async def test_advance_cursors_in_one_write(store: Store) -> None:
+    await fill(store, "lobby", 10)
+    await fill(store, "den", 3)
+    for user in ("alice", "bob"):
+        await store.join(user, "lobby")
+    await store.join("alice", "den")
+    await store.advance_cursor("bob", "lobby", 8)
+
+    await store.advance_cursors(
+        [("alice", "lobby", 6), ("bob", "lobby", 4), ("alice", "den", 99), ("carol", "lobby", 5)]
+    )
+
+    cursors = {(m.user, m.room): m.cursor for m in await store.members("lobby") + await store.members("den")}
+    assert cursors == {("alice", "lobby"): 6, ("bob", "lobby"): 8, ("alice", "den"): 3}
+
+
 async def test_cursor_capped_at_head(store: Store) -> None:
     await fill(store, "lobby", 5)
     await store.join("alice", "lobby")

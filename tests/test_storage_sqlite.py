@@ -44,7 +44,7 @@ async def test_failing_write_shares_transaction(tmp_path: Path) -> None:
     # before it commits, and they land in at most two transactions.
     with held_write_lock(path):
         tasks = [
-            asyncio.create_task(store.append("lobby", "alice", f"m{index}", body, None, 1000))
+            asyncio.ensure_future(store.append("lobby", "alice", f"m{index}", body, None, 1000))
             for index, body in enumerate(bodies)
         ]
         await asyncio.sleep(0)
@@ -75,11 +75,11 @@ async def test_close_commits_writes_queued_with_stop(tmp_path: Path) -> None:
     # The writer takes the first append and waits for the lock, so the other appends and the stop
     # signal from close() are queued together and taken in one drain.
     with held_write_lock(path):
-        first = asyncio.create_task(store.append("lobby", "alice", "first", "x", None, 1000))
+        first = asyncio.ensure_future(store.append("lobby", "alice", "first", "x", None, 1000))
         await asyncio.sleep(0)
         await wait_for_queued(store, 0)
         tasks = [
-            asyncio.create_task(store.append("lobby", "alice", f"m{index}", "x", None, 1000))
+            asyncio.ensure_future(store.append("lobby", "alice", f"m{index}", "x", None, 1000))
             for index in range(300)
         ]
         await asyncio.sleep(0)

@@ -17,6 +17,7 @@ from parley.protocol.frames import FrameParser, Limits
 from parley.server.auth import Authenticator
 from parley.server.config import Settings
 from parley.server.connection import Connection
+from parley.server.cursors import CursorWriter
 from parley.server.http import HttpRoutes
 from parley.server.hub import Hub
 from parley.server.ratelimit import TokenBucket
@@ -51,6 +52,7 @@ class App:
             receipt_limit=settings.receipt_limit,
             receipt_interval=settings.receipt_interval,
         )
+        self.cursors = CursorWriter(self.store, on_stored=self._on_cursor_stored)
         self.http = HttpRoutes(self)
         self.connections: set[Connection] = set()
         self.users: dict[str, set[Connection]] = {}
@@ -142,6 +144,9 @@ class App:
                 except Exception:
                     log.exception("heartbeat failed", extra={"session": connection.session})
 
+    def _on_cursor_stored(self, user: str, room: str, cursor: int) -> None:
+        self.hub.on_marks(room, user, cursor, None)
+
     # Connections and users
 
     def new_session(self, connection: Connection) -> Session:
@@ -208,6 +213,7 @@ class App:
             "rooms": len(self.hub.rooms),
             "deliveries": self.hub.deliveries,
             "resends": self.hub.resends,
+            "cursor_writes": self.cursors.writes,
             "catch_ups": self.hub.catch_ups,
             "awaiting_ack": self.tracker.armed(),
             "cache": {

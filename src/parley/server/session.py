@@ -180,6 +180,7 @@ class Session:
         log.info("connected", extra={**self.ids, "peer": connection.peer_address, "device": hello.device})
 
         for membership in await self.app.store.memberships(user):
+            self.app.cursors.load(user, membership.room, membership.cursor)
             info = await self.app.store.room_info(membership.room)
             if info is None or connection.closing:
                 continue
@@ -236,12 +237,16 @@ class Session:
             since, epoch = membership.cursor, None
         position = self.follow(room, since, epoch, frame.last)
         if membership.cursor is None:
-            await self.app.store.set_cursor_if_unset(user, room.name, position)
+            stored = await self.app.store.set_cursor_if_unset(user, room.name, position)
+            self.app.cursors.load(user, room.name, stored)
+        else:
+            self.app.cursors.load(user, room.name, membership.cursor)
         log.info("joined", extra={**self.ids, "room": room.name, "seq": position})
 
     async def on_leave(self, frame: Leave) -> None:
         user = self.require_user()
         await self.app.store.leave(user, frame.room)
+        self.app.cursors.forget(user, frame.room)
         for connection in self.app.user_connections(user):
             self.app.hub.unsubscribe(connection, frame.room)
             connection.send_frame({"type": "left", "room": frame.room})
@@ -344,17 +349,12 @@ class Session:
         self.submit_cursor(user, frame.room, frame.seq)
 
     def submit_cursor(self, user: str, room: str, seq: int) -> None:
-        future = asyncio.ensure_future(self.app.store.advance_cursor(user, room, seq))
+        ref = {"type": "ack", "room": room}
 
-        def on_done(done: asyncio.Future[int]) -> None:
-            if done.cancelled():
-                return
-            error = done.exception()
-            ref = {"type": "ack", "room": room}
+        def on_stored(stored: int | None, error: BaseException | None) -> None:
             if isinstance(error, NotMemberError):
                 self.reject(FrameError(errors.NOT_JOINED, f"room {room}: not a member", ref))
-                return
-            if error is not None:
+            elif error is not None or stored is None:
                 log.error("storing a cursor failed: %s", error, extra={**self.ids, "room": room, "seq": seq})
                 self.reply(
                     {
@@ -364,12 +364,10 @@ class Session:
                         "ref": ref,
                     }
                 )
-                return
-            stored = done.result()
-            self.reply({"type": "acked", "room": room, "seq": stored})
-            self.app.hub.on_marks(room, user, stored, None)
+            else:
+                self.reply({"type": "acked", "room": room, "seq": stored})
 
-        future.add_done_callback(on_done)
+        self.app.cursors.advance(user, room, seq, on_stored)
 
     def on_read(self, frame: Read) -> Coroutine[Any, Any, None] | None:
         user = self.require_user()

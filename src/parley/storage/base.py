@@ -24,7 +24,7 @@ Contract:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,7 +57,11 @@ class StoreStats:
 
 
 class Store(Protocol):
-    """A durable store of rooms, messages, memberships and cursors."""
+    """A durable store of rooms, messages, memberships and cursors.
+
+    Writes return an awaitable that is already queued when the call returns, so calls made one after
+    another without awaiting are applied in call order.
+    """
 
     def set_commit_listener(self, listener: CommitListener) -> None:
         """Call `listener` on the event loop with the new messages of each commit, in seq order."""
@@ -68,18 +72,18 @@ class Store(Protocol):
     async def close(self) -> None:
         """Finish every accepted write, then release the files and threads."""
 
-    async def append(
+    def append(
         self, room: str, sender: str, id: str, body: str, meta: dict[str, Any] | None, ts: int
-    ) -> AppendResult:
+    ) -> Awaitable[AppendResult]:
         """Store a message once, assigning the room's next seq; see the module contract."""
 
-    async def join(self, user: str, room: str) -> tuple[RoomInfo, Membership, bool]:
+    def join(self, user: str, room: str) -> Awaitable[tuple[RoomInfo, Membership, bool]]:
         """Make `user` a member of `room`, creating the room if needed.
 
         Returns the room, the membership, and whether the user was a member before this call.
         """
 
-    async def leave(self, user: str, room: str) -> bool:
+    def leave(self, user: str, room: str) -> Awaitable[bool]:
         """End the membership; return whether the user was a member."""
 
     async def memberships(self, user: str) -> list[Membership]:
@@ -91,13 +95,16 @@ class Store(Protocol):
     async def room_info(self, room: str) -> RoomInfo | None:
         """Return the room's epoch and head, or None when the room does not exist."""
 
-    async def advance_cursor(self, user: str, room: str, seq: int) -> int:
+    def advance_cursor(self, user: str, room: str, seq: int) -> Awaitable[int]:
         """Move the user's delivery cursor forward to `seq`; return the stored cursor after the update."""
 
-    async def set_cursor_if_unset(self, user: str, room: str, seq: int) -> int:
+    def advance_cursors(self, updates: Sequence[tuple[str, str, int]]) -> Awaitable[None]:
+        """Move many `(user, room, seq)` cursors forward in one write; non-members are skipped."""
+
+    def set_cursor_if_unset(self, user: str, room: str, seq: int) -> Awaitable[int]:
         """Store `seq` as the cursor where the member has none yet; return the stored cursor."""
 
-    async def advance_read(self, user: str, room: str, seq: int) -> int:
+    def advance_read(self, user: str, room: str, seq: int) -> Awaitable[int]:
         """Move the user's read marker forward to `seq`; return the stored marker after the update."""
 
     async def read_after(self, room: str, after: int, limit: int) -> list[Message]:

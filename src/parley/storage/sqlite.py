@@ -31,7 +31,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -146,6 +146,7 @@ class _Kind(enum.Enum):
     JOIN = "join"
     LEAVE = "leave"
     ADVANCE_CURSOR = "advance_cursor"
+    ADVANCE_CURSORS = "advance_cursors"
     SET_CURSOR_IF_UNSET = "set_cursor_if_unset"
     ADVANCE_READ = "advance_read"
 
@@ -175,6 +176,8 @@ class _Write:
         if self.kind is _Kind.APPEND:
             room, sender, id = self.args[:3]
             return f"append room={room} sender={sender} id={id}"
+        if self.kind is _Kind.ADVANCE_CURSORS:
+            return f"advance_cursors count={len(self.args[0])}"
         user, room = self.args[:2]
         if self.kind in MEMBERSHIP_KINDS:
             return f"{self.kind.value} user={user} room={room}"
@@ -388,34 +391,39 @@ class SqliteStore:
 
     # Writes
 
-    async def append(
+    # Writes return the writer's future itself rather than a coroutine, so a caller that does not await
+    # at once (the server pipelining sends) queues the write in call order without creating a task.
+
+    def append(
         self, room: str, sender: str, id: str, body: str, meta: dict[str, Any] | None, ts: int
-    ) -> AppendResult:
-        result: AppendResult = await self._submit(_Kind.APPEND, (room, sender, id, body, meta, ts))
-        return result
+    ) -> asyncio.Future[AppendResult]:
+        return self._submit(_Kind.APPEND, (room, sender, id, body, meta, ts))
 
-    async def join(self, user: str, room: str) -> tuple[RoomInfo, Membership, bool]:
-        result: tuple[RoomInfo, Membership, bool] = await self._submit(_Kind.JOIN, (user, room))
-        return result
+    def join(self, user: str, room: str) -> asyncio.Future[tuple[RoomInfo, Membership, bool]]:
+        return self._submit(_Kind.JOIN, (user, room))
 
-    async def leave(self, user: str, room: str) -> bool:
-        result: bool = await self._submit(_Kind.LEAVE, (user, room))
-        return result
+    def leave(self, user: str, room: str) -> asyncio.Future[bool]:
+        return self._submit(_Kind.LEAVE, (user, room))
 
-    async def advance_cursor(self, user: str, room: str, seq: int) -> int:
-        result: int = await self._submit(_Kind.ADVANCE_CURSOR, (user, room, seq))
-        return result
+    def advance_cursor(self, user: str, room: str, seq: int) -> asyncio.Future[int]:
+        return self._submit(_Kind.ADVANCE_CURSOR, (user, room, seq))
 
-    async def set_cursor_if_unset(self, user: str, room: str, seq: int) -> int:
-        result: int = await self._submit(_Kind.SET_CURSOR_IF_UNSET, (user, room, seq))
-        return result
+    def advance_cursors(self, updates: Sequence[tuple[str, str, int]]) -> asyncio.Future[None]:
+        return self._submit(_Kind.ADVANCE_CURSORS, (list(updates),))
 
-    async def advance_read(self, user: str, room: str, seq: int) -> int:
-        result: int = await self._submit(_Kind.ADVANCE_READ, (user, room, seq))
-        return result
+    def set_cursor_if_unset(self, user: str, room: str, seq: int) -> asyncio.Future[int]:
+        return self._submit(_Kind.SET_CURSOR_IF_UNSET, (user, room, seq))
+
+    def advance_read(self, user: str, room: str, seq: int) -> asyncio.Future[int]:
+        return self._submit(_Kind.ADVANCE_READ, (user, room, seq))
 
     def _submit(self, kind: _Kind, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        self._check_open(kind.value)
+        try:
+            self._check_open(kind.value)
+        except StoreError as error:
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(error)
+            return failed
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         self._queue.put(_Write(kind, args, future))
@@ -681,6 +689,8 @@ class SqliteStore:
             return _leave(transaction, *args)
         if kind is _Kind.ADVANCE_CURSOR:
             return _update_marker(transaction, ADVANCE_CURSOR, 0, *args)
+        if kind is _Kind.ADVANCE_CURSORS:
+            return _advance_cursors(transaction, *args)
         if kind is _Kind.SET_CURSOR_IF_UNSET:
             return _update_marker(transaction, SET_CURSOR_IF_UNSET, 0, *args)
         return _update_marker(transaction, ADVANCE_READ, 1, *args)
@@ -763,6 +773,16 @@ def _update_marker(
         raise NotMemberError(user, room)
     stored: int = row[column]
     return stored
+
+
+def _advance_cursors(transaction: _Transaction, updates: list[tuple[str, str, int]]) -> None:
+    """Move many cursors forward in one statement, each capped at its room's head; members only."""
+    rows = []
+    for user, room, seq in updates:
+        head = transaction.head(room)
+        if head is not None:
+            rows.append((min(seq, head), user, room))
+    transaction.cursor.executemany(ADVANCE_CURSOR, rows)
 
 
 def _succeed_unless_done(future: asyncio.Future[T], result: T) -> None:
