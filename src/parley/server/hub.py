@@ -30,6 +30,7 @@ from parley.storage.base import Store
 log = logging.getLogger("parley.hub")
 
 CATCH_UP_PAGE = 500
+CATCH_UP_CHUNK = 64 * 1024
 
 
 class Peer(Protocol):
@@ -323,18 +324,30 @@ class Hub:
             peer.catch_up_task = None
 
     def _write_catch_up(self, subscription: Subscription, entries: list[Entry]) -> None:
+        """Write entries in chunks of at most `batch_max` messages or CATCH_UP_CHUNK bytes.
+
+        Stops as soon as the connection's buffer is full, so one page of large messages never queues
+        far beyond the high-water mark; the catch-up loop goes on when the buffer drains.
+        """
         entries = [entry for entry in entries if entry.message.seq > subscription.sent]
         if not entries or entries[0].message.seq != subscription.sent + 1:
             return
         peer = subscription.peer
-        if peer.batch:
-            for start in range(0, len(entries), self.batch_max):
-                chunk = entries[start : start + self.batch_max]
+        start = 0
+        while start < len(entries) and not peer.paused and not peer.closing:
+            end = start
+            size = 0
+            while end < len(entries) and end - start < self.batch_max and size < CATCH_UP_CHUNK:
+                size += len(entries[end].frame)
+                end += 1
+            chunk = entries[start:end]
+            if peer.batch:
                 peer.write(encode_frame(b"[" + b",".join([entry.frame for entry in chunk]) + b"]"))
-        else:
-            peer.write(b"".join([encode_frame(entry.frame) for entry in entries]))
-        self.tracker.on_sent(subscription, entries[-1].message.seq, self.clock())
-        self.deliveries += len(entries)
+            else:
+                peer.write(b"".join([encode_frame(entry.frame) for entry in chunk]))
+            self.tracker.on_sent(subscription, chunk[-1].message.seq, self.clock())
+            self.deliveries += len(chunk)
+            start = end
 
     async def read_after(self, room: Room, after: int, limit: int) -> list[Entry]:
         """Read up to `limit` messages after `after` from the hot cache, or from the store on a miss."""
