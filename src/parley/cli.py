@@ -70,10 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify_command.add_arguments(verify)
 
     chat = commands.add_parser("chat", help="chat in a room from the terminal")
-    try:
-        from parley.client import terminal
-    except ImportError:  # TEMP until the terminal client lands
-        return parser
+    from parley.client import terminal
+
     terminal.add_arguments(chat)
     return parser
 
