@@ -527,8 +527,11 @@ class Client:
 
             deadline = self._next_deadline()
             timeout = None if deadline is None else max(deadline - now, 0.001)
+            # asyncio.timeout rather than wait_for: on Python 3.11, wait_for can swallow a cancellation
+            # that arrives as the event fires, and close() would then wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _run_timers(self, now: float) -> None:
         acks: list[tuple[str, int]] = []
