@@ -91,6 +91,8 @@ async def test_corpus_replays_intact(server: ServerProcess) -> None:
         for room, lines in corpus.items():
             messages = received[room]
             assert [message.seq for message in messages] == list(range(1, len(lines) + 1)), room
-            assert [message.body.encode() for message in messages] == [line.encode() for _, line in lines], room
+            assert [message.body.encode() for message in messages] == [line.encode() for _, line in lines], (
+                room
+            )
             metas: list[Any] = [message.meta for message in messages]
             assert [meta["line"] for meta in metas] == list(range(len(lines))), room

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", type=Path, help="TOML file with settings; flags and PARLEY_* variables win"
     )
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (INFO)")
     serve.add_argument("--no-uvloop", action="store_true", help="run on the standard asyncio event loop")
 
     token = commands.add_parser("token", help="print a signed token for a user")
@@ -100,42 +101,24 @@ def main(argv: list[str] | None = None) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from parley import logs
     from parley.server.app import serve
-    from parley.server.config import load_settings
+    from parley.server.config import Settings, load_settings
 
-    logs.configure(args.log_level)
-    flags: dict[str, Any] = {
-        key: getattr(args, key)
-        for key in (
-            "host",
-            "port",
-            "data_dir",
-            "store",
-            "secret",
-            "auth",
-            "ack_timeout",
-            "heartbeat",
-            "hot_window",
-            "hot_max_per_room",
-            "max_body",
-            "shard_size",
-            "batch_window",
-            "send_rate",
-            "send_burst",
-            "presence_limit",
-            "receipt_limit",
-        )
-    }
+    setting_names = {field.name for field in dataclasses.fields(Settings)}
+    flags: dict[str, Any] = {name: value for name, value in vars(args).items() if name in setting_names}
+    if args.no_uvloop:
+        flags["uvloop"] = False
     try:
         settings = load_settings(flags, args.config)
         settings.check()
     except (ValueError, OSError) as error:
         print(f"parley serve: {error}", file=sys.stderr)
         return 2
+    logs.configure(settings.log_level)
 
     def announce(line: str) -> None:
         print(line, flush=True)
 
-    if not args.no_uvloop:
+    if settings.uvloop:
         try:
             import uvloop
 

@@ -40,6 +40,8 @@ class Settings:
     receipt_limit: int = 50
     receipt_interval: float = 0.5
     web: bool = True
+    log_level: str = "INFO"
+    uvloop: bool = True
 
     @property
     def open_auth(self) -> bool:
