@@ -115,7 +115,7 @@ class App:
 
         for connection in list(self.connections):
             connection.shutdown(CLOSE_GOING_AWAY)
-        for _ in range(40):  # up to two seconds for clients to answer the close frames
+        for _ in range(40):  # up to two seconds for clients to reply to the close frames
             if not self.connections:
                 break
             await asyncio.sleep(0.05)

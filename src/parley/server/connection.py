@@ -1,7 +1,7 @@
 """One TCP connection: HTTP/1.1 through h11 until a WebSocket upgrade, then RFC 6455 frames.
 
 This module is the pump between the socket and the protocol: it parses bytes, hands complete text
-messages to the session, writes what the session and the hub give it, and tells the hub when the
+messages to the session, writes what the session and the hub give it, and notifies the hub when the
 kernel buffer fills (`pause_writing`) or drains (`resume_writing`). It never interprets frames.
 """
 

@@ -2,7 +2,7 @@
 
 A member's delivery cursor is stored forward-only. Acks arrive far more often than they need to be
 written (a 10,000-member room acks every 100 ms per member), so the writer keeps the last stored
-cursor of each member in memory, answers an ack that moves nothing at once, and stores all other
+cursor of each member in memory, replies at once to an ack that moves nothing, and stores all other
 acks of one loop iteration, or of the time one store write takes, in a single `advance_cursors` call.
 At most one write is in flight, so under load the batches grow instead of the queue.
 

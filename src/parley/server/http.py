@@ -40,7 +40,7 @@ def error_response(status: int, code: str, message: str) -> Response:
 
 
 class HttpRoutes:
-    """Answers the HTTP requests that are not WebSocket upgrades."""
+    """Handler of the HTTP requests that are not WebSocket upgrades."""
 
     def __init__(self, app: App) -> None:
         self.app = app

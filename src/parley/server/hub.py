@@ -7,8 +7,8 @@ frames back to back) for plain connections and one JSON array frame for connecti
 
 A subscription takes a live message only when it directly follows what it was last sent and its
 connection is not paused. Any other subscription is "catching up": its connection's catch-up task
-reads what it misses from the hot cache or the store, in order, and turns it live again once it holds
-the room's head. So a slow consumer never makes the hub buffer for it, and no seq is ever skipped.
+reads what it misses from the hot cache or the store, in order, and turns it live again once it has
+reached the room's head. So a slow consumer never makes the hub buffer for it, and no seq is ever skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ CATCH_UP_CHUNK = 64 * 1024
 
 
 class Peer(Protocol):
-    """What the hub needs of a connection."""
+    """The part of a connection that the hub uses."""
 
     user: str
     session: str
@@ -326,8 +326,8 @@ class Hub:
     def _write_catch_up(self, subscription: Subscription, entries: list[Entry]) -> None:
         """Write entries in chunks of at most `batch_max` messages or CATCH_UP_CHUNK bytes.
 
-        Stops as soon as the connection's buffer is full, so one page of large messages never queues
-        far beyond the high-water mark; the catch-up loop goes on when the buffer drains.
+        Writing stops once the connection's buffer is full, so a page of large messages never queues far
+        beyond the high-water mark. The catch-up loop goes on when the buffer drains.
         """
         entries = [entry for entry in entries if entry.message.seq > subscription.sent]
         if not entries or entries[0].message.seq != subscription.sent + 1:

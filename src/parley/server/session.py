@@ -202,8 +202,10 @@ class Session:
             reset = True
             since = None
             log.info("position outside the room's epoch, resetting", extra={**self.ids, "room": room.name})
-        if since is None:
-            since = max(0, head - last) if last is not None else (0 if reset else head)
+        if since is None and last is not None:
+            since = max(0, head - last)
+        elif since is None:
+            since = 0 if reset else head
 
         joined: dict[str, Any] = {
             "type": "joined",
