@@ -1,9 +1,9 @@
 """Benchmark connections: one asyncio Protocol per WebSocket, checking every message it receives.
 
 A connection follows one room (the publisher follows several). For each `msg` it checks the room's
-seq continuity the way a real client does: `seq == since + 1` is delivered, `seq <= since` is a
-duplicate (a resend) and is dropped, a larger seq is a gap, counted as out of order with the skipped
-seqs counted as lost. Receivers acknowledge cumulatively and at most once per room per ack interval.
+seq continuity the way a real client does. `seq == since + 1` is delivered, and `seq <= since` is a
+duplicate (a resend), which is dropped. A larger seq is a gap: it counts as out of order, and the seqs
+it skips count as lost. Receivers acknowledge cumulatively and at most once per room per ack interval.
 
 Three servers are spoken to:
 
@@ -49,7 +49,7 @@ def monotonic_us() -> int:
 
 @dataclass
 class Tally:
-    """What one process's connections received; summed over processes for the report."""
+    """Counts of what one process's connections received, summed over processes for the report."""
 
     delivered: int = 0
     duplicates: int = 0
@@ -101,7 +101,7 @@ class RoomPosition:
         self.reached: asyncio.Future[None] | None = None
 
     def until(self, seq: int) -> asyncio.Future[None]:
-        """Return a future that resolves once the position holds `seq`."""
+        """Return a future that resolves once the connection has received `seq` in this room."""
         self.reached = asyncio.get_running_loop().create_future()
         self.wake_at = seq
         if self.since >= seq:
@@ -117,8 +117,9 @@ class RoomPosition:
 class BenchConnection(asyncio.Protocol):
     """One WebSocket connection of the load generator.
 
-    `ready` resolves once the connection follows its rooms (Parley: every `joined` arrived; raw: the
-    upgrade finished; socket.io: the namespace was entered) or fails with the reason it could not.
+    `ready` resolves once the connection follows its rooms, or fails with the reason why not. Parley
+    connections are ready when every `joined` arrived, raw ones after the upgrade, and socket.io ones
+    once the namespace is entered.
     """
 
     __slots__ = (
@@ -268,7 +269,7 @@ class BenchConnection(asyncio.Protocol):
         self.write(client_frame(orjson.dumps(frame)))
 
     def close(self) -> None:
-        """Start a normal closing handshake; the transport is dropped when the server answers."""
+        """Send a close frame (1000) and close the transport once its buffer is written."""
         if self.transport is not None and not self.transport.is_closing():
             self.write(close_frame(1000))
             self.transport.close()

@@ -1,7 +1,7 @@
 """`parley bench`: measure a Parley server under load, side by side with baseline servers.
 
-Every process it starts (the servers, the load-generator workers) runs on 127.0.0.1 and is ended by
-its PID; every phase has a time bound, and `--timeout` bounds the whole command.
+The servers it starts listen on 127.0.0.1 (`--url` may name another), and every process it starts
+is ended by its PID. Every phase has a time bound, and `--timeout` bounds the whole command.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import orjson
 
 from parley.bench import processes, report
 from parley.bench.proc import describe_host
-from parley.bench.runner import Case, CaseOptions
+from parley.bench.runner import Case, CaseOptions, parse_ws_url
 
 BASELINE_DIR_VARIABLE = "PARLEY_BENCH_BASELINES"
 
@@ -143,6 +143,11 @@ def check_arguments(args: argparse.Namespace, targets: list[str]) -> str | None:
         return "the baselines serve one room: drop --room-size or the baselines"
     if not targets:
         return "nothing to run: --no-parley without --baseline"
+    if args.url is not None:
+        try:
+            parse_ws_url(args.url)
+        except ValueError as error:
+            return str(error)
     return None
 
 
@@ -183,7 +188,10 @@ def run(args: argparse.Namespace) -> int:
             asyncio.wait_for(run_cases(targets, options, args.repeat, args.quiet), args.timeout)
         )
     except TimeoutError:
-        print(f"parley bench: stopped after --timeout {args.timeout:g} s", file=sys.stderr)
+        print(
+            f"parley bench: timed out after {args.timeout:g} s (--timeout); raise it or shorten the run",
+            file=sys.stderr,
+        )
         return 1
 
     summary = report.summarize(runs)

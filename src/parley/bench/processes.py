@@ -32,7 +32,7 @@ BASELINES: dict[str, tuple[str, list[str], str]] = {
 
 
 class ChildError(RuntimeError):
-    """A child process failed to start or to answer; the message carries the tail of its log."""
+    """A child process failed to start or to reply; the message carries the tail of its log."""
 
 
 def free_port() -> int:
@@ -185,14 +185,16 @@ class WorkerProcess:
 
     async def request(self, command: dict[str, Any], time_limit: float) -> dict[str, Any]:
         """Send one command and return the reply; raise ChildError on an error reply, an exit or a timeout."""
-        assert self.process is not None and self.process.stdin is not None and self.process.stdout is not None
+        assert self.process is not None
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
         self.process.stdin.write(orjson.dumps(command) + b"\n")
         await self.process.stdin.drain()
         try:
             line = await asyncio.wait_for(self.process.stdout.readline(), time_limit)
         except TimeoutError:
             raise ChildError(
-                f"load worker {self.index} did not answer {command['cmd']!r} within {time_limit:.0f} s"
+                f"load worker {self.index} did not reply to {command['cmd']!r} within {time_limit:.0f} s"
             ) from None
         if not line:
             raise ChildError(f"load worker {self.index} exited; log:\n{log_tail(self.log_path)}")

@@ -7,7 +7,7 @@ A case runs these phases, each bounded in time:
    again once they are idle (the difference divided by the connections is the RSS per connection);
 3. optionally hold them idle for `hold` seconds, so heartbeats run;
 4. publish for `duration` seconds, at `rate` messages per second per room or flat out;
-5. wait until every connection holds every published message, acknowledge, and collect the counts;
+5. wait until every connection has received every published message, acknowledge, and collect the counts;
 6. optionally time a member `catch_up` messages behind that reconnects (Parley only).
 
 Throughput and server CPU are taken over the publishing period minus the first `warmup` seconds.
@@ -44,7 +44,7 @@ BODY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
 
 @dataclass
 class CaseOptions:
-    """What one case does; the command line maps onto these fields."""
+    """Options of one case; the command line maps onto these fields."""
 
     connections: int = 1000
     room_size: int = 0
@@ -86,20 +86,39 @@ class CaseOptions:
 class Sampler:
     """Reads the server's CPU seconds and RSS, and the load generators' CPU seconds, while running.
 
-    Samples are taken every `SAMPLE_INTERVAL` seconds. The clients' CPU tells whether a run was limited
+    Samples are taken every `SAMPLE_INTERVAL` seconds. The clients' CPU shows whether a run was limited
     by the server or by the load generator.
     """
 
-    def __init__(self, pid: int | None) -> None:
+    def __init__(self, pid: int | None, probe_path: Path | None = None) -> None:
         self.pid = pid
         self.client_pids: list[int] = []
         self.samples: list[tuple[int, float, int]] = []
         self.client_samples: list[tuple[int, float]] = []
-        self._task: asyncio.Task[None] | None = None
+        self.probe_path = probe_path
+        self.sync_times = Histogram()
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.pid is not None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._tasks.append(loop.create_task(self._run()))
+        if self.probe_path is not None:
+            self._tasks.append(loop.create_task(self._probe_disk(self.probe_path)))
+
+    async def _probe_disk(self, path: Path) -> None:
+        """Time a 4 KB write and fsync next to the server's data every `SAMPLE_INTERVAL` seconds.
+
+        The store syncs at every commit, so a slow disk (another process writing heavily) shows up in
+        Parley's latency but not in the baselines', which store nothing.
+        """
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            while True:
+                self.sync_times.add(await asyncio.to_thread(timed_sync, descriptor))
+                await asyncio.sleep(SAMPLE_INTERVAL)
+        finally:
+            os.close(descriptor)
 
     def sample(self) -> None:
         if self.pid is None:
@@ -119,10 +138,10 @@ class Sampler:
             await asyncio.sleep(SAMPLE_INTERVAL)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         self.sample()
 
     def cpu_between(self, start: int, end: int, clients: bool = False) -> float | None:
@@ -134,6 +153,14 @@ class Sampler:
 
     def peak_rss_kb(self) -> int | None:
         return max((rss for _t, _cpu, rss in self.samples), default=None)
+
+
+def timed_sync(descriptor: int) -> int:
+    """Write 4 KB at the start of the file and fsync it; return the microseconds that took."""
+    started = time.perf_counter_ns()
+    os.pwrite(descriptor, b"\0" * 4096, 0)
+    os.fsync(descriptor)
+    return (time.perf_counter_ns() - started) // 1000
 
 
 def interpolate(points: list[tuple[int, float]], at: int) -> float:
@@ -183,17 +210,23 @@ class Case:
         try:
             await self._start_server()
             result["server_pid"] = self.pid
-            sampler = Sampler(self.pid)
+            sampler = Sampler(self.pid, self.folder / "sync-probe" if self.target == "parley" else None)
             await asyncio.sleep(self.options.settle)
             result["rss_idle_kb"] = rss_kb(self.pid) if self.pid else None
             sampler.start()
             await self._run_phases(result, sampler)
-        except (ChildError, OSError, ConnectionError, TimeoutError) as error:
+        except (ChildError, OSError, ConnectionError, TimeoutError, ValueError) as error:
             result["error"] = f"{type(error).__name__}: {error}"
         finally:
             if sampler is not None:
                 await sampler.stop()
                 result["rss_peak_kb"] = sampler.peak_rss_kb()
+                if sampler.sync_times.count:
+                    result["disk_sync_ms"] = {
+                        "p50": (sampler.sync_times.percentile(0.5) or 0) / 1000,
+                        "max": sampler.sync_times.maximum / 1000
+                        or (sampler.sync_times.percentile(1.0) or 0) / 1000,
+                    }
             await self._stop_all()
             result["load_average_end"] = os.getloadavg()[0]
             if not self.options.keep_data:
@@ -332,6 +365,7 @@ class Case:
         }
         for worker in self.workers:
             await worker.request(window, 10.0)
+
         mode = f"{options.rate:g} msg/s per room" if options.rate > 0 else "flat out"
         self.log(f"{self.target}: publishing {mode} for {options.duration} s")
         reply = await self.publisher.request(
@@ -348,8 +382,10 @@ class Case:
         )
         if "error" in reply:
             raise ChildError(f"publishing failed: {reply['error']}")
+
         result["published"] = sum(reply["sent"].values())
         result["heads"] = reply["heads"]
+        result["publisher_lag_ms"] = reply.get("lag_ms")
         result["publisher_errors"] = reply["errors"]
         result["confirmed"] = reply.get("confirmed")
         return reply

@@ -1,9 +1,10 @@
 """The client side of RFC 6455 for the load generator, free of IO: handshake bytes, frames in and out.
 
 The load generator has to parse hundreds of thousands of frames per second in Python, so this codec
-does the least a client must: it masks what it sends with an all-zero key (legal, and the server
-unmasks it at the same cost, but it gives no protection against cache poisoning through proxies, so it
-is for loopback benchmarks only), and it hands text payloads back as bytes without checking UTF-8.
+does the least a client must. It masks what it sends with the all-zero key, which RFC 6455 allows and
+which costs the server the same to unmask. That key gives no protection against cache poisoning through
+proxies, so the codec is for loopback benchmarks only. Text payloads come back as bytes, with no UTF-8
+check.
 """
 
 from __future__ import annotations

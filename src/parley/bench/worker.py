@@ -1,4 +1,4 @@
-"""A load-generator process: holds many benchmark connections and obeys JSON commands on stdin.
+"""A load-generator process: runs many benchmark connections and carries out JSON commands from stdin.
 
 `parley bench` starts several of these (`python -m parley.bench.worker`) so that the clients do not
 share a CPU core or a file-descriptor limit with the server or with each other. Each command is one
@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from parley.bench.clients import SOCKETIO_PATH, BenchConnection, Tally, monotonic_us, open_connection
+from parley.bench.histogram import Histogram
 from parley.bench.wire import HandshakeError, client_frame
 
 PROGRESS_INTERVAL = 0.02
@@ -36,7 +37,7 @@ SERIES_INTERVAL = 0.1
 ACK_GROUPS = 10
 """Connections are split into this many groups, acknowledged in turn, so acks do not arrive in bursts."""
 NO_MEMBERS = 1 << 62
-"""The progress value of a room in which a process holds no connection."""
+"""The progress value of a room in which a process has no connection."""
 CONNECT_TRIES = 4
 
 
@@ -79,6 +80,7 @@ class Worker:
         # Messages published into each room over every `publish` command: the raw baseline's seq, and
         # the number in Parley message ids, which must stay unique for the sender.
         self.published: dict[str, int] = {}
+        self.publisher_lag = Histogram()
         self.connect_errors: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -190,8 +192,8 @@ class Worker:
         last = time.monotonic()
         while True:
             await asyncio.sleep(step)
-            # A busy loop wakes late; then catch up on every group that fell due, so no connection
-            # waits much longer than `interval` (or one loop iteration) between its acks.
+            # A busy loop wakes late. Then every group that fell due is acknowledged at once, so no
+            # connection waits much longer than `interval`, or one loop iteration, between its acks.
             now = time.monotonic()
             due = min(ACK_GROUPS, max(1, int((now - last) / step)))
             last = now
@@ -232,7 +234,7 @@ class Worker:
             return {"event": "published", "error": "the publisher has no open connection"}
         connection = self.connections[0]
         rooms: list[str] = command.get("rooms") or list(connection.positions)
-        # The head of a room is the higher of what this connection received and what it was told it stored.
+        # A room's head is the higher of the last seq received and the last seq in a `sent` reply.
         base = {
             room: max(connection.positions[room].since, connection.sent_heads.get(room, 0)) for room in rooms
         }
@@ -245,6 +247,7 @@ class Worker:
         limit = int(command.get("max_messages", 1 << 40))
         encode = message_encoder(self.kind, body)
 
+        self.publisher_lag = Histogram()
         await asyncio.sleep(max(0.0, (start - monotonic_us()) / 1e6))
         if rate > 0:
             await self._publish_paced(connection, rooms, sent, rate, start, end, limit, encode)
@@ -263,7 +266,7 @@ class Worker:
                     break
                 await asyncio.sleep(0.01)
             heads = {room: connection.sent_heads.get(room, base[room]) for room in rooms}
-        return {
+        reply: dict[str, Any] = {
             "event": "published",
             "sent": sent,
             "heads": heads,
@@ -272,6 +275,13 @@ class Worker:
             "finished": finished,
             "errors": self.tally.errors,
         }
+        if self.publisher_lag.count:
+            reply["lag_ms"] = {
+                "p50": (self.publisher_lag.percentile(0.5) or 0) / 1000,
+                "p99": (self.publisher_lag.percentile(0.99) or 0) / 1000,
+                "max": (self.publisher_lag.maximum or self.publisher_lag.percentile(1.0) or 0) / 1000,
+            }
+        return reply
 
     async def _publish_paced(
         self,
@@ -305,6 +315,8 @@ class Worker:
                 index += 1
             if chunk:
                 connection.write(b"".join(chunk))
+                # How late the publisher itself sent, which counts in every latency it measures.
+                self.publisher_lag.add(monotonic_us() - start - int((index - len(chunk)) * period_us))
 
     async def _publish_flat_out(
         self,
@@ -346,7 +358,7 @@ class Worker:
     # Finishing
 
     async def drain(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Wait until each connection holds its room's head, confirm the last acks, and report."""
+        """Wait until each connection has received its room's head, confirm the last acks, and report."""
         heads: dict[str, int] = command["heads"]
         deadline = time.monotonic() + float(command.get("timeout", 30.0))
         # Polled: a wake-up per delivered message would cost more than a check every 20 ms.
@@ -388,8 +400,8 @@ class Worker:
         }
 
     def _room_summaries(self) -> dict[str, dict[str, int]]:
-        """Summarize each room: its connections, how many are open, the lowest and highest position,
-        the messages received in order, and the fewest heartbeats any of its connections answered."""
+        """Summarize each room's connections: how many and how many open, the lowest and highest
+        position, the messages received in order, and the fewest pings any one of them answered."""
         rooms: dict[str, dict[str, int]] = {}
         for connection in self.connections:
             for room, position in connection.positions.items():
