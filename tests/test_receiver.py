@@ -221,6 +221,24 @@ def test_first_ack_immediate_then_coalesced() -> None:
     assert receiver.next_ack_deadline() is None
 
 
+def test_large_room_hint_slows_acks() -> None:
+    receiver = Receiver(ack_interval=0.1)
+    receiver.on_joined({**joined(since=0), "ack_interval": 1000})
+    delivered_seqs(receiver, [1, 2, 3])
+
+    receiver.handled("lobby", 1)
+    first = receiver.acks_due(now=10.0)
+    receiver.handled("lobby", 3)
+    after_default = receiver.acks_due(now=10.5)
+    deadline = receiver.next_ack_deadline()
+    after_hint = receiver.acks_due(now=11.0)
+
+    assert first == [("lobby", 1)]
+    assert after_default == []
+    assert deadline == pytest.approx(11.0)
+    assert after_hint == [("lobby", 3)]
+
+
 def test_acks_coalesced_per_room() -> None:
     receiver = Receiver(ack_interval=0.1)
     for room in ("lobby", "kitchen"):

@@ -295,3 +295,16 @@ async def test_history_frame_pages(server: ServerProcess) -> None:
     joined = await again.wait_for("joined", room="lobby")
     assert joined["since"] == 0, "reading history must not move the delivery cursor"
     await close_all(again)
+
+
+async def test_large_room_asks_for_slower_acks(server_factory: Callable[..., ServerProcess]) -> None:
+    server = server_factory("--large-room", "2", "--large-room-ack-interval", "1.5")
+    clients = await members(server.url, "hall", "ann", "ben", "cat")
+    try:
+        hints = [
+            [frame.get("ack_interval") for frame in client.frames if frame.get("type") == "joined"]
+            for client in clients
+        ]
+        assert hints == [[None], [None], [1500]]
+    finally:
+        await close_all(*clients)

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--presence-limit", type=int, help="largest room that gets presence frames (200)")
     serve.add_argument("--receipt-limit", type=int, help="largest room that gets receipt frames (50)")
+    serve.add_argument(
+        "--large-room", type=int, help="subscribers from which `joined` asks clients to ack less often (1000)"
+    )
+    serve.add_argument(
+        "--large-room-ack-interval", type=float, help="seconds between acks asked of large rooms' members (1)"
+    )
     serve.add_argument("--send-rate", type=float, help="sends per second per connection (50)")
     serve.add_argument("--send-burst", type=int, help="sends a connection may burst above the rate (200)")
     serve.add_argument(

@@ -226,10 +226,21 @@ def reference(frame: dict[str, Any]) -> dict[str, Any]:
     return ref
 
 
+_VALID_NAMES: set[str] = set()
+_VALID_NAMES_MAX = 50_000
+
+
 def name(frame: dict[str, Any], key: str) -> str:
     value = frame.get(key)
+    if value.__class__ is str and value in _VALID_NAMES:
+        return value
     if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
         raise FrameError(INVALID_FIELD, f"{key}: {NAME_RULE}")
+    # Rooms and users recur in nearly every frame (acks above all), so a set lookup replaces the regex.
+    if key != "id":
+        if len(_VALID_NAMES) >= _VALID_NAMES_MAX:
+            _VALID_NAMES.clear()
+        _VALID_NAMES.add(value)
     return value
 
 

@@ -13,7 +13,9 @@ A `joined` reply whose epoch differs from the held one, or that carries `reset`,
 starts again from the reply's `since`. The room's generation then increases, so that late `handled` calls
 for messages of the old history are ignored.
 
-Acks are cumulative and coalesced: `acks_due` returns at most one ack per room per `ack_interval` seconds.
+Acks are cumulative and coalesced: `acks_due` returns at most one ack per room per `ack_interval` seconds,
+or per the room's longer `ack_interval` hint from `joined`, in milliseconds (the server asks members of
+large rooms to acknowledge less often).
 Times are `now` arguments in seconds from any monotonic clock; the receiver never reads a clock.
 """
 
@@ -122,6 +124,7 @@ class _RoomState:
     acked: int = 0
     ack_sent: int = 0
     ack_sent_at: float = -math.inf
+    ack_interval: float = 0.0
     join_requested: bool = False
     generation: int = 0
 
@@ -187,11 +190,14 @@ class Receiver:
         head = _require(frame, "head", int)
         since = _require(frame, "since", int)
         state = self._rooms.get(room)
+        hint = frame.get("ack_interval")
+        hinted = hint / 1000 if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0 else 0.0
 
         if state is None:
-            self._rooms[room] = _RoomState(epoch=epoch, since=since, handled=since)
+            self._rooms[room] = _RoomState(epoch=epoch, since=since, handled=since, ack_interval=hinted)
             return Joined(room=room, epoch=epoch, head=head, since=since, reset=frame.get("reset") is True)
 
+        state.ack_interval = hinted
         reset = frame.get("reset") is True or (state.epoch is not None and state.epoch != epoch)
         if reset:
             self._resets += 1
@@ -261,7 +267,7 @@ class Receiver:
         for room, state in self._rooms.items():
             if not self._ack_pending(state):
                 continue
-            if now < state.ack_sent_at + self.ack_interval:
+            if now < state.ack_sent_at + max(self.ack_interval, state.ack_interval):
                 continue
             state.ack_sent = state.handled
             state.ack_sent_at = now
@@ -271,7 +277,7 @@ class Receiver:
     def next_ack_deadline(self) -> float | None:
         """Return the earliest time at which `acks_due` returns an ack, or None when none is pending."""
         deadlines = [
-            state.ack_sent_at + self.ack_interval
+            state.ack_sent_at + max(self.ack_interval, state.ack_interval)
             for state in self._rooms.values()
             if self._ack_pending(state)
         ]

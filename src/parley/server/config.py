@@ -38,6 +38,8 @@ class Settings:
     handshake_rate: float = 5000.0
     presence_limit: int = 200
     receipt_limit: int = 50
+    large_room: int = 1000
+    large_room_ack_interval: float = 1.0
     receipt_interval: float = 0.5
     web: bool = True
     log_level: str = "INFO"

@@ -198,6 +198,14 @@ class Connection(asyncio.Protocol):
             if self.closing and now - self.closing_since > CLOSE_GRACE:
                 self.abort()
             return
+        if not self.alive and self.paused:
+            # A client that reads nothing answers no ping either; say why before the grace period ends it.
+            log.info(
+                "closing slow consumer that stopped reading",
+                extra={"session": self.session, "user": self.user},
+            )
+            self.close(CLOSE_TOO_SLOW, "too slow")
+            return
         if not self.alive:
             log.info("no answer to heartbeat", extra={"session": self.session, "user": self.user})
             self.abort()

@@ -216,6 +216,8 @@ class Session:
         }
         if reset:
             joined["reset"] = True
+        if room.subscriber_count >= self.app.settings.large_room:
+            joined["ack_interval"] = int(self.app.settings.large_room_ack_interval * 1000)
         online = self.app.hub.online_users(room)
         if online is not None:
             joined["online"] = sorted({*online, self.connection.user})

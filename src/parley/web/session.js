@@ -534,6 +534,10 @@ export class Session extends EventTarget {
     if (room.since === 0 && room.head === 0) {
       room.atStart = true;
     }
+    // A large room asks its members to acknowledge less often than the default.
+    room.ackIntervalMs = Number.isInteger(frame.ack_interval) && frame.ack_interval > ACK_INTERVAL_MS
+      ? frame.ack_interval
+      : ACK_INTERVAL_MS;
     room.joined = true;
     room.needsJoin = false;
     room.rejoinPending = false;
@@ -772,7 +776,7 @@ export class Session extends EventTarget {
         room.ackedSent = room.since;
         this.counters.acks += 1;
       }
-    }, ACK_INTERVAL_MS);
+    }, room.ackIntervalMs || ACK_INTERVAL_MS);
   }
 
   /** Moves the read marker of `roomName` forward to `seq` once that message was on screen. */
