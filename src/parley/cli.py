@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--send-rate", type=float, help="sends per second per connection (50)")
     serve.add_argument("--send-burst", type=int, help="sends a connection may burst above the rate (200)")
     serve.add_argument(
+        "--frame-rate", type=float, help="frames per second per connection before reading pauses (500)"
+    )
+    serve.add_argument("--frame-burst", type=int, help="frames a connection may burst above the rate (1000)")
+    serve.add_argument(
         "--config", type=Path, help="TOML file with settings; flags and PARLEY_* variables win"
     )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (INFO)")

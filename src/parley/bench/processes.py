@@ -144,6 +144,7 @@ def parley_command(port: int, data_dir: Path, extra: list[str]) -> list[str]:
         sys.executable, "-m", "parley", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
         "--log-level", "WARNING", "--send-rate", "1000000", "--send-burst", "1000000",
+        "--frame-rate", "1000000", "--frame-burst", "1000000",
         *extra,
     ]  # fmt: skip
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -16,7 +18,7 @@ from parley.protocol.errors import CLOSE_GOING_AWAY
 from parley.protocol.frames import FrameParser, Limits
 from parley.server.auth import Authenticator
 from parley.server.config import Settings
-from parley.server.connection import Connection
+from parley.server.connection import HOLD_SHUTDOWN, Connection
 from parley.server.cursors import CursorWriter
 from parley.server.http import HttpRoutes
 from parley.server.hub import Hub
@@ -27,6 +29,8 @@ from parley.storage import open_store
 log = logging.getLogger("parley.server")
 
 SHUTDOWN_DRAIN = 5.0
+RESERVED_FILES = 64  # descriptors kept for the database, its readers, logs and the listening socket
+MIN_SECRET_BYTES = 32
 
 
 class App:
@@ -57,6 +61,7 @@ class App:
         self.connections: set[Connection] = set()
         self.users: dict[str, set[Connection]] = {}
         self.handshakes = TokenBucket(settings.handshake_rate, settings.handshake_rate)
+        self.max_connections = connection_limit(settings.max_connections)
         self.server: asyncio.Server | None = None
         self.stopping = asyncio.Event()
         self.restart = False
@@ -77,6 +82,12 @@ class App:
             loop.create_task(self._run_resend_wheel()),
             loop.create_task(self._run_heartbeats()),
         ]
+        log.info("accepting up to %d connections", self.max_connections)
+        if self.settings.secret is not None and len(self.settings.secret.encode()) < MIN_SECRET_BYTES:
+            log.warning(
+                "the token secret is shorter than %d bytes and can be guessed; use a longer one",
+                MIN_SECRET_BYTES,
+            )
         if self.settings.open_auth:
             log.warning(
                 "open authentication: any client may name its user in hello (listening on %s)",
@@ -100,8 +111,7 @@ class App:
             self.server.close()
 
         for connection in list(self.connections):
-            if connection.transport is not None and not connection.closing:
-                connection.transport.pause_reading()
+            connection.hold_reading(HOLD_SHUTDOWN)
         workers = [
             c.session_handler.worker
             for c in self.connections
@@ -152,9 +162,21 @@ class App:
     def new_session(self, connection: Connection) -> Session:
         return Session(self, connection)
 
+    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        """Tell whether a browser page from `origin` may open a WebSocket here.
+
+        In open mode anyone who reaches the server may name any user, so a page from another site must
+        not connect on behalf of the person browsing it. With tokens a page needs a token anyway.
+        Clients outside a browser send no Origin.
+        """
+        if origin is None or not self.settings.open_auth:
+            return True
+        origin_host = urlsplit(origin).netloc.lower()
+        return bool(host) and origin_host == (host or "").lower()
+
     def admit_handshake(self) -> int | None:
         """Return None to accept a WebSocket handshake, or the seconds the client should wait."""
-        if len(self.connections) > self.settings.max_connections:
+        if len(self.connections) > self.max_connections:
             log.warning("refusing handshake: %d connections open", len(self.connections))
             return 5
         wait = self.handshakes.take(time.monotonic())
@@ -224,6 +246,14 @@ class App:
             },
             "uptime": round(time.monotonic() - self.started, 3),
         }
+
+
+def connection_limit(configured: int) -> int:
+    """Cap connections below the open-file limit, so handshakes get 503 before accept() starts failing."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, soft - RESERVED_FILES))
 
 
 async def serve(settings: Settings, announce: Any = print) -> int:

@@ -32,8 +32,13 @@ class Settings:
     batch_max: int = 256
     send_rate: float = 50.0
     send_burst: int = 200
+    frame_rate: float = 500.0
+    frame_burst: int = 1000
     outbound_high_water: int = 256 * 1024
     slow_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    http_idle_timeout: float = 30.0
+    hello_timeout: float = 10.0
     max_connections: int = 100_000
     handshake_rate: float = 5000.0
     presence_limit: int = 200
@@ -56,7 +61,10 @@ class Settings:
 
     def check(self) -> None:
         """Raise ValueError when the settings cannot run safely or at all."""
-        for name in ("ack_timeout", "heartbeat", "hot_window", "batch_window", "slow_timeout"):
+        for name in (
+            "ack_timeout", "heartbeat", "hot_window", "batch_window", "slow_timeout",
+            "handshake_timeout", "http_idle_timeout", "hello_timeout",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.auth not in ("auto", "open", "token"):

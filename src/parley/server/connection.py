@@ -19,6 +19,8 @@ import h11
 from parley.protocol.errors import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
+    CLOSE_POLICY,
+    CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_SLOW,
     CloseConnection,
 )
@@ -36,18 +38,28 @@ log = logging.getLogger("parley.connection")
 MAX_HTTP_HEAD = 16 * 1024
 CLOSE_GRACE = 2.0
 
+# Reasons to stop reading from a client; reading resumes once none is left.
+HOLD_WRITE = 1  # its write buffer is full: a client that does not read gets no more replies queued
+HOLD_INBOX = 2  # its session has too many frames waiting
+HOLD_RATE = 4  # it sent more frames than its budget allows
+HOLD_HTTP = 8  # an HTTP response is being prepared
+HOLD_SHUTDOWN = 16  # the server is shutting down and takes no new frames
+
 
 class Connection(asyncio.Protocol):
     """The asyncio protocol of one client connection."""
 
     __slots__ = (
         "_close_handle",
+        "_deadline",
+        "_writable",
         "alive",
         "app",
         "batch",
         "catch_up_task",
         "closed",
         "closing_since",
+        "holds",
         "http",
         "lagging",
         "paused",
@@ -81,7 +93,10 @@ class Connection(asyncio.Protocol):
         self.lagging: set[Subscription] = set()
         self.catch_up_task: asyncio.Task[None] | None = None
         self.peer_address = ""
+        self.holds = 0
         self._close_handle: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Future[None] | None = None
 
     # asyncio callbacks
 
@@ -92,6 +107,7 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.app.connections.add(self)
+        self.set_deadline(self.app.settings.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         self.alive = True
@@ -115,19 +131,74 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.paused = True
         self.paused_since = time.monotonic()
+        self.hold_reading(HOLD_WRITE)
 
     def resume_writing(self) -> None:
         self.paused = False
+        self.release_reading(HOLD_WRITE)
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
         self.app.hub.resume_peer(self)
+        if self.http is not None and not self.holds:
+            self._next_http_event()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.app.connections.discard(self)
-        if self._close_handle is not None:
-            self._close_handle.cancel()
+        for handle in (self._close_handle, self._deadline):
+            if handle is not None:
+                handle.cancel()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
         if self.session_handler is not None:
             self.session_handler.on_closed()
             log.info("disconnected", extra={"session": self.session, "user": self.user})
+
+    # Flow control and deadlines
+
+    def hold_reading(self, reason: int) -> None:
+        """Stop reading from the client for `reason` (one of the HOLD_ flags)."""
+        if not self.holds and self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+        self.holds |= reason
+
+    def release_reading(self, reason: int) -> None:
+        """Drop one reason to stop reading; reading resumes once no reason is left."""
+        if not self.holds & reason:
+            return
+        self.holds &= ~reason
+        if not self.holds and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def writable(self) -> asyncio.Future[None]:
+        """Return a future that is done once the write buffer has drained below its limit."""
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+            if not self.paused:
+                self._writable.set_result(None)
+        return self._writable
+
+    def set_deadline(self, seconds: float | None) -> None:
+        """Close the connection unless the next step (handshake, hello) happens within `seconds`."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if seconds is not None and not self.closed:
+            self._deadline = asyncio.get_running_loop().call_later(seconds, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        if self.reader is None:
+            log.info("closing idle HTTP connection", extra={"peer": self.peer_address})
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            log.info(
+                "closing connection that sent no hello",
+                extra={"session": self.session, "peer": self.peer_address},
+            )
+            self.close(CLOSE_POLICY, "no hello in time")
 
     # Writing
 
@@ -150,7 +221,8 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             return
         self.transport.write(encode_close(code, reason))
-        # Reading may be paused by a shutdown; the client's close reply must still be read.
+        # Reading may be paused for flow control or a shutdown; the client's close reply must still be read.
+        self.holds = 0
         self.transport.resume_reading()
         self.closing_since = time.monotonic()
         self.app.hub.disconnect(self)
@@ -179,7 +251,7 @@ class Connection(asyncio.Protocol):
 
     def _on_close_frame(self, event: websocket.CloseReceived) -> None:
         log.info(
-            "client closed with %s %s",
+            "client closed with %s %r",
             event.code,
             event.reason[:120],
             extra={"session": self.session, "user": self.user},
@@ -187,7 +259,13 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             return
         if not self.closing:
-            self.transport.write(encode_close(event.code or 1000) if event.code else encode_frame(b"", 0x8))
+            if event.code is None:
+                reply = encode_frame(b"", websocket.OP_CLOSE)
+            elif websocket.is_valid_close_code(event.code):
+                reply = encode_close(event.code)
+            else:
+                reply = encode_close(CLOSE_PROTOCOL_ERROR, "invalid close code")
+            self.transport.write(reply)
             self.closing_since = time.monotonic()
             self.app.hub.disconnect(self)
         self.transport.close()
@@ -259,14 +337,15 @@ class Connection(asyncio.Protocol):
         if url.path == "/ws":
             self._upgrade(request, headers, query)
             return
-        assert self.transport is not None
-        self.transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(
-            self.app.http.respond(request.method.decode("latin-1"), url.path, query, headers)
-        )
-        task.add_done_callback(self._on_http_response)
+        self.set_deadline(None)
+        self.hold_reading(HOLD_HTTP)
+        method = request.method.decode("latin-1")
+        task = asyncio.get_running_loop().create_task(self.app.http.respond(method, url.path, query, headers))
+        task.add_done_callback(lambda done: self._on_http_response(done, method == "HEAD"))
 
-    def _on_http_response(self, task: asyncio.Task[tuple[int, list[tuple[str, str]], bytes]]) -> None:
+    def _on_http_response(
+        self, task: asyncio.Task[tuple[int, list[tuple[str, str]], bytes]], head: bool
+    ) -> None:
         if self.closed or self.http is None or self.transport is None:
             return
         try:
@@ -274,18 +353,29 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("HTTP handler failed", extra={"peer": self.peer_address})
             status, headers, body = 500, [("content-type", "text/plain")], b"internal error\n"
-        self._send_response(status, headers, body)
+        try:
+            self._send_response(status, headers, body, head)
+        except h11.LocalProtocolError as error:
+            log.error("HTTP response failed: %s", error, extra={"peer": self.peer_address})
+            self.transport.abort()
+            return
         if self.http.our_state is h11.MUST_CLOSE or self.http.their_state is h11.MUST_CLOSE:
             self.transport.close()
             return
-        self.transport.resume_reading()
-        self._next_http_event()
+        self.set_deadline(self.app.settings.http_idle_timeout)
+        self.release_reading(HOLD_HTTP)
+        if not self.paused:
+            self._next_http_event()
 
-    def _send_response(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+    def _send_response(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, head: bool = False
+    ) -> None:
+        """Write a whole response; for HEAD, the headers announce the body's length but it is not sent."""
         assert self.http is not None and self.transport is not None
         headers = [*headers, ("content-length", str(len(body)))]
         data = self.http.send(h11.Response(status_code=status, headers=headers))
-        data += self.http.send(h11.Data(data=body)) or b""
+        if not head:
+            data += self.http.send(h11.Data(data=body)) or b""
         data += self.http.send(h11.EndOfMessage()) or b""
         self.transport.write(data)
 
@@ -305,9 +395,18 @@ class Connection(asyncio.Protocol):
             or "upgrade" not in headers.get("connection", "").lower()
             or headers.get("sec-websocket-version") != "13"
             or len(key) != 24
+            or not key.isascii()
         ):
             self._send_response(
                 400, [("content-type", "text/plain")], b"a WebSocket upgrade (version 13) is required\n"
+            )
+            self.transport.close()
+            return
+
+        if not self.app.origin_allowed(headers.get("origin"), headers.get("host")):
+            log.warning("rejecting cross-origin handshake from %r in open mode", headers.get("origin"))
+            self._send_response(
+                403, [("content-type", "text/plain")], b"cross-origin WebSocket not allowed\n"
             )
             self.transport.close()
             return
@@ -343,6 +442,7 @@ class Connection(asyncio.Protocol):
         self.session = secrets.token_hex(6)
         self.reader = FrameReader(self.app.limits.max_frame)
         self.session_handler = self.app.new_session(self)
+        self.set_deadline(self.app.settings.hello_timeout)
         log.debug("upgraded", extra={"session": self.session, "peer": self.peer_address})
         if trailing:
             self._on_websocket_data(bytes(trailing))

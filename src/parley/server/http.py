@@ -101,7 +101,11 @@ class HttpRoutes:
         after = count(query, "after")
         if before is not None and after is not None:
             raise ValueError("give before or after, not both")
-        limit = count(query, "limit") or HISTORY_DEFAULT_LIMIT
+        limit = count(query, "limit")
+        if limit is None:
+            limit = HISTORY_DEFAULT_LIMIT
+        if limit < 1:
+            raise ValueError("limit: must be at least 1")
         page, more = await self.app.read_history(room, before, after, min(limit, HISTORY_MAX_LIMIT))
         return json_response(200, {"room": room, "messages": page, "more": more})
 
@@ -118,9 +122,13 @@ class HttpRoutes:
 
     def static_file(self, path: str) -> Response:
         relative = "index.html" if path in ("", "/") else path.lstrip("/")
-        target = (self.web_root / relative).resolve()
-        if not target.is_relative_to(self.web_root) or not target.is_file():
-            return error_response(404, "not_found", f"no file at {path}")
+        try:
+            target = (self.web_root / relative).resolve()
+            found = target.is_relative_to(self.web_root) and target.is_file()
+        except (OSError, ValueError):
+            found = False
+        if not found:
+            return error_response(404, "not_found", f"no file at {path[:200]}")
         content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         if content_type.startswith("text/") or content_type.endswith("javascript"):
             content_type += "; charset=utf-8"
@@ -139,6 +147,6 @@ def count(query: dict[str, list[str]], key: str) -> int | None:
     value = first(query, key)
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 15:
+    if not (value.isascii() and value.isdigit()) or len(value) > 15:
         raise ValueError(f"{key}: must be a non-negative integer, got {value[:20]!r}")
     return int(value)

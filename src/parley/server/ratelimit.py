@@ -23,3 +23,11 @@ class TokenBucket:
             self.tokens -= count
             return 0.0
         return (count - self.tokens) / self.rate
+
+    def charge(self, now: float, count: float = 1.0) -> float:
+        """Take `count` tokens even when short, going into debt; return the seconds until it is repaid."""
+        if self.stamp is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= count
+        return max(0.0, -self.tokens / self.rate)

@@ -21,6 +21,7 @@ from parley.protocol.errors import CloseConnection, FrameError
 from parley.protocol.frames import Ack, ClientFrame, Hello, History, Join, Leave, Ping, Read, Send
 from parley.protocol.model import AppendResult
 from parley.server.auth import AuthError
+from parley.server.connection import HOLD_INBOX, HOLD_RATE
 from parley.server.ratelimit import TokenBucket
 from parley.server.websocket import encode_frame
 from parley.storage.base import NotMemberError
@@ -34,13 +35,15 @@ log = logging.getLogger("parley.session")
 
 ERROR_WINDOW = 10.0
 MAX_ERRORS_IN_WINDOW = 20
+# Frames queued behind one that waits (a join, a history read) before the connection stops reading.
+MAX_INBOX = 256
 Handler = Callable[["Session", Any], Coroutine[Any, Any, None] | None]
 
 
 class Session:
     """Frame handling for one connection, from `hello` to close."""
 
-    __slots__ = ("app", "connection", "errors", "inbox", "send_bucket", "user", "worker")
+    __slots__ = ("app", "connection", "errors", "frame_bucket", "inbox", "send_bucket", "user", "worker")
 
     def __init__(self, app: App, connection: Connection) -> None:
         self.app = app
@@ -51,6 +54,7 @@ class Session:
         self.worker: asyncio.Task[None] | None = None
         self.errors: list[float] = []
         self.send_bucket = TokenBucket(app.settings.send_rate, app.settings.send_burst)
+        self.frame_bucket = TokenBucket(app.settings.frame_rate, app.settings.frame_burst)
 
     @property
     def ids(self) -> dict[str, Any]:
@@ -62,9 +66,23 @@ class Session:
         items = self.app.parser.parse_message(payload)
         if self.user is None and self.worker is None and not self.inbox:
             items = self._expect_hello(items)
+        self._charge_frames(len(items))
         self.inbox.extend(items)
+        if len(self.inbox) >= MAX_INBOX:
+            self.connection.hold_reading(HOLD_INBOX)
         if self.worker is None:
             self._drain_inline()
+
+    def _charge_frames(self, count: int) -> None:
+        """Count frames against the connection's budget; past it, stop reading until the budget refills.
+
+        Frames already received are still handled, so nothing is lost: a flood only slows its sender.
+        """
+        wait = self.frame_bucket.charge(time.monotonic(), count)
+        if wait > 0:
+            connection = self.connection
+            connection.hold_reading(HOLD_RATE)
+            asyncio.get_running_loop().call_later(wait, connection.release_reading, HOLD_RATE)
 
     def _expect_hello(self, items: list[ClientFrame | FrameError]) -> list[ClientFrame | FrameError]:
         """Check that a session's first frame is a hello; a hello with an invalid field may be retried."""
@@ -79,6 +97,8 @@ class Session:
         return items
 
     def on_binary(self, size: int) -> None:
+        if self.user is None and self.worker is None and not self.inbox:
+            raise CloseConnection(errors.CLOSE_POLICY, "the first frame must be hello")
         self.reject(FrameError(errors.BAD_FRAME, "binary messages are not accepted; send JSON text"))
 
     def on_closed(self) -> None:
@@ -89,22 +109,38 @@ class Session:
             self.worker = None
 
     def _drain_inline(self) -> None:
-        """Handle queued frames now, until one needs to wait; hand the rest to a worker task."""
+        """Handle queued frames now, until one needs to wait; hand the rest to a worker task.
+
+        While the client's write buffer is full, frames wait too: replies to a client that does not read
+        must not pile up in memory.
+        """
         while self.inbox and not self.connection.closing:
+            if self.connection.paused:
+                self.worker = asyncio.get_running_loop().create_task(self._work(None))
+                return
             item = self.inbox.pop(0)
             pending = self._dispatch(item)
             if pending is not None:
                 self.worker = asyncio.get_running_loop().create_task(self._work(pending))
                 return
+        self.connection.release_reading(HOLD_INBOX)
 
-    async def _work(self, pending: Awaitable[None]) -> None:
+    async def _work(self, pending: Awaitable[None] | None) -> None:
+        connection = self.connection
         try:
-            await self._guard(pending)
-            while self.inbox and not self.connection.closing:
+            if pending is not None:
+                await self._guard(pending)
+            while self.inbox and not connection.closing:
+                if connection.paused:
+                    await connection.writable()
+                    continue
                 item = self.inbox.pop(0)
+                if len(self.inbox) < MAX_INBOX // 2:
+                    connection.release_reading(HOLD_INBOX)
                 step = self._dispatch(item)
                 if step is not None:
                     await self._guard(step)
+            connection.release_reading(HOLD_INBOX)
         finally:
             self.worker = None
 
@@ -140,6 +176,8 @@ class Session:
         """Send an error frame; close with 1008 after too many errors in a short time."""
         log.info("rejected frame: %s", error, extra={**self.ids, "ref": error.ref})
         self.reply(error.to_frame())
+        if error.code == errors.RATE_LIMITED:
+            return  # a well-behaved client that sends a burst is slowed down, not disconnected
         now = time.monotonic()
         self.errors = [stamp for stamp in self.errors if stamp >= now - ERROR_WINDOW]
         self.errors.append(now)
@@ -159,6 +197,7 @@ class Session:
             connection.close(errors.CLOSE_UNAUTHORIZED, "unauthorized")
             return
 
+        connection.set_deadline(None)
         self.user = connection.user = user
         connection.batch = hello.batch
         self.app.remember_user_connection(connection)
@@ -177,15 +216,26 @@ class Session:
                 "max_frame": limits.max_frame,
             }
         )
-        log.info("connected", extra={**self.ids, "peer": connection.peer_address, "device": hello.device})
+        device = repr(hello.device) if hello.device is not None else None
+        log.info("connected", extra={**self.ids, "peer": connection.peer_address, "device": device})
 
+        try:
+            await self.resume(user, hello.resume)
+        except Exception:
+            # A session that missed part of its resume would wait for messages that never come.
+            log.exception("resuming rooms failed; closing so the client reconnects", extra=self.ids)
+            connection.close(errors.CLOSE_INTERNAL, "resume failed")
+
+    async def resume(self, user: str, positions: dict[str, tuple[int, str | None]]) -> None:
+        """Follow every room the user is a member of, from the client's position or the stored cursor."""
+        connection = self.connection
         for membership in await self.app.store.memberships(user):
             self.app.cursors.load(user, membership.room, membership.cursor)
             info = await self.app.store.room_info(membership.room)
             if info is None or connection.closing:
                 continue
             room = self.app.hub.room(info.room, info.head, info.epoch)
-            position = hello.resume.get(room.name)
+            position = positions.get(room.name)
             since, epoch = position if position is not None else (membership.cursor, None)
             self.follow(room, since, epoch, None)
 

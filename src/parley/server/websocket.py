@@ -22,6 +22,8 @@ OP_PING = 0x9
 OP_PONG = 0xA
 
 ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# Empty fragments add nothing to a message's size, so their count needs its own limit.
+MAX_FRAGMENTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,14 @@ def encode_close(code: int, reason: str = "") -> bytes:
     """Build a close frame; the reason is cut to fit the 125-byte control frame limit."""
     payload = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
     return encode_frame(payload, OP_CLOSE)
+
+
+def is_valid_close_code(code: int) -> bool:
+    """Tell whether a close code may appear in a close frame (RFC 6455, section 7.4)."""
+    return (
+        code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014)
+        or 3000 <= code <= 4999
+    )
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
@@ -161,6 +171,10 @@ class FrameReader:
         if opcode == OP_CONTINUATION:
             if self._fragments is None:
                 raise CloseConnection(CLOSE_PROTOCOL_ERROR, "continuation frame without a message")
+            if len(self._fragments) >= MAX_FRAGMENTS:
+                raise CloseConnection(
+                    CLOSE_TOO_LARGE, f"message split into more than {MAX_FRAGMENTS} fragments"
+                )
             self._fragments.append(payload)
             self._fragments_size += len(payload)
             if not final:
