@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -212,3 +216,117 @@ async def test_open_store_default_file(tmp_path: Path) -> None:
         await store.close()
 
     assert (tmp_path / "data" / "parley.db").is_file()
+
+
+PROC_FD = Path("/proc/self/fd")
+
+needs_proc_fd = pytest.mark.skipif(not PROC_FD.is_dir(), reason="needs /proc/self/fd (Linux)")
+
+
+def open_files(path: Path) -> list[str]:
+    """Return the names of this process's open files that are `path` or its -wal and -shm files."""
+    names = []
+    for fd in os.listdir(PROC_FD):
+        try:
+            target = Path(os.readlink(PROC_FD / fd))
+        except OSError:
+            continue
+        if target.parent == path.parent.resolve() and target.name.startswith(path.name):
+            names.append(target.name)
+    return sorted(names)
+
+
+@contextmanager
+def file_descriptors_exhausted() -> Iterator[None]:
+    """Lower the open file limit to the highest fd in use and fill every free fd below it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir(PROC_FD))
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    try:
+        while True:
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+                break
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@needs_proc_fd
+async def test_open_opens_reader_connections(tmp_path: Path) -> None:
+    path = tmp_path / "parley.db"
+    store = SqliteStore(path, reader_threads=3)
+    await store.open()
+    try:
+        # The writer and each of the 3 readers keep the database and the WAL open. All connections of
+        # the process share one -shm file descriptor.
+        opened = open_files(path)
+        assert opened.count("parley.db") == 4
+        assert opened.count("parley.db-wal") == 4
+
+        await store.append("lobby", "alice", "m1", "hello", None, 1000)
+        reads = await asyncio.gather(*(store.read_after("lobby", 0, 10) for _ in range(12)))
+
+        assert all([message.body for message in read] == ["hello"] for read in reads)
+        assert open_files(path) == opened
+    finally:
+        await store.close()
+
+    assert open_files(path) == []
+
+
+@needs_proc_fd
+async def test_reads_work_at_file_descriptor_limit(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "parley.db", reader_threads=3)
+    await store.open()
+    try:
+        await store.append("lobby", "alice", "m1", "hello", None, 1000)
+
+        with file_descriptors_exhausted():
+            reads = await asyncio.gather(*(store.read_after("lobby", 0, 10) for _ in range(12)))
+            info = await store.room_info("lobby")
+    finally:
+        await store.close()
+
+    assert all([message.seq for message in read] == [1] for read in reads)
+    assert info is not None
+    assert info.head == 1
+
+
+@needs_proc_fd
+async def test_open_fails_on_reader_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "parley.db"
+    connect = sqlite3.connect
+    reader_connects = 0
+    lock = threading.Lock()
+
+    def fail_second_reader(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        nonlocal reader_connects
+        if kwargs.get("uri"):
+            with lock:
+                reader_connects += 1
+                if reader_connects == 2:
+                    raise sqlite3.OperationalError("unable to open database file")
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", fail_second_reader)
+    store = SqliteStore(path, reader_threads=3)
+
+    with pytest.raises(StoreError, match=r"failed to open reader connections.*unable to open database file"):
+        await store.open()
+
+    assert reader_connects >= 2
+    assert store._writer is not None
+    assert not store._writer.is_alive()
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("parley-sqlite")]
+    assert open_files(path) == []
+    with pytest.raises(StoreError, match="not open yet"):
+        await store.room_info("lobby")
+    await store.close()

@@ -27,12 +27,17 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
-    """Counts of reads the cache served (hits) and sent on to the store (misses)."""
+    """Counts of reads the cache served (hits) and sent on to the store (misses), and of its contents.
+
+    `size_bytes` is the cache's own count of the bytes its entries take, 0 for a cache that does not
+    count them.
+    """
 
     hits: int
     misses: int
     rooms: int
     entries: int
+    size_bytes: int = 0
 
 
 class HotCache(Protocol):

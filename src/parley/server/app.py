@@ -43,7 +43,12 @@ class App:
         self.parser = FrameParser(self.limits)
         self.auth = Authenticator(settings.secret, settings.open_auth)
         self.store = open_store(settings.store, settings.data_dir)
-        self.cache = MemoryCache(settings.hot_window, settings.hot_max_per_room)
+        self.cache = MemoryCache(
+            settings.hot_window,
+            settings.hot_max_per_room,
+            max_bytes_per_room=settings.hot_max_bytes_per_room,
+            max_bytes=settings.hot_max_bytes,
+        )
         self.tracker = DeliveryTracker(settings.ack_timeout, settings.max_tries)
         self.hub = Hub(
             self.store,
@@ -243,6 +248,7 @@ class App:
                 "misses": cache.misses,
                 "rooms": cache.rooms,
                 "entries": cache.entries,
+                "size_bytes": cache.size_bytes,
             },
             "uptime": round(time.monotonic() - self.started, 3),
         }

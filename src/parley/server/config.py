@@ -25,6 +25,8 @@ class Settings:
     heartbeat: float = 25.0
     hot_window: float = 3600.0
     hot_max_per_room: int = 20_000
+    hot_max_bytes_per_room: int = 8 * 1024 * 1024
+    hot_max_bytes: int = 256 * 1024 * 1024
     max_body: int = 16384
     max_meta: int = 2048
     shard_size: int = 1000

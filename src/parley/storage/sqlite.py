@@ -10,9 +10,11 @@ Theory of operation:
   callers' futures in submission order.
 - A room's head is read at most once per batch, advanced in memory as messages are inserted and
   written back just before the COMMIT, so an append runs one INSERT besides its SAVEPOINT.
-- Reads run on a small thread pool, each thread with its own read-only connection. In WAL mode a
-  statement reads the last commit made before it began and never blocks the writer. A room's head and
-  its messages are committed together, so `room_info` never returns a head that `read_after` cannot see.
+- Reads run on a small thread pool, each thread with its own read-only connection. `open()` opens
+  them all, so reads do not open the database files later, when the process may be at its file
+  descriptor limit. In WAL mode a statement reads the last commit made before it began and never
+  blocks the writer. A room's head and its messages are committed together, so `room_info` never
+  returns a head that `read_after` cannot see.
 - Durability: the writer runs with `synchronous=FULL`, which in WAL mode syncs the WAL at every
   commit, so a message confirmed with `sent` survives a power loss. With NORMAL, the last commits
   before a power loss (not a process crash) may roll back.
@@ -274,28 +276,72 @@ class _Transaction:
 
 
 class _ReaderPool:
-    """Threads that run reads, each on its own read-only connection, opened on first use."""
+    """Threads that run reads, each on its own read-only connection.
+
+    `open()` starts every thread and opens its connection up front, because near the file descriptor
+    limit a later open fails with "unable to open database file".
+    """
 
     def __init__(self, path: Path, size: int) -> None:
         self._uri = path.resolve().as_uri() + "?mode=ro"
+        self._size = size
         self._executor = ThreadPoolExecutor(size, thread_name_prefix="parley-sqlite-reader")
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
 
-    def _connection(self) -> sqlite3.Connection:
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
+    async def open(self) -> None:
+        """Start all reader threads and open each one's connection.
+
+        Raises sqlite3.Error when a connection fails to open, or RuntimeError when a thread fails to
+        start. The caller then closes the pool.
+        """
+        # Every task waits at the barrier until all of them run, so no thread can take a second task,
+        # and the executor has to start `size` threads.
+        barrier = threading.Barrier(self._size)
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Future[None]] = []
+        try:
+            for _ in range(self._size):
+                tasks.append(loop.run_in_executor(self._executor, self._open_connection, barrier))
+        except RuntimeError:
+            barrier.abort()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        # A thread whose open failed broke the barrier, so the others fail with BrokenBarrierError.
+        # The open error is the one to report.
+        for error in errors:
+            if not isinstance(error, threading.BrokenBarrierError):
+                raise error
+        if errors:
+            raise errors[0]
+
+    def _open_connection(self, barrier: threading.Barrier) -> None:
+        try:
             # check_same_thread=False only so that close() can close it from another thread.
             connection = sqlite3.connect(self._uri, uri=True, isolation_level=None, check_same_thread=False)
+        except BaseException:
+            barrier.abort()
+            raise
+        with self._lock:
+            self._connections.append(connection)
+        try:
             connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._local.connection = connection
-            with self._lock:
-                self._connections.append(connection)
-        return connection
+            # With SQLite 3.40 the first read also opens the WAL file, so run one now rather than
+            # during a request.
+            connection.execute("PRAGMA schema_version").fetchone()
+        except BaseException:
+            barrier.abort()
+            raise
+        self._local.connection = connection
+        barrier.wait()
 
     def _call(self, read: Callable[[sqlite3.Connection], T]) -> T:
-        return read(self._connection())
+        connection: sqlite3.Connection = self._local.connection
+        return read(connection)
 
     async def run(self, read: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -345,7 +391,8 @@ class SqliteStore:
     async def open(self) -> None:
         """Create the file and schema if needed, then start the writer and the readers.
 
-        Raises StoreError when the file cannot be opened as a Parley database.
+        Raises StoreError when the file cannot be opened as a Parley database, or when a reader
+        connection fails to open (then the writer is stopped again).
         """
         if self._state is not _State.NEW:
             raise StoreError(f"SQLite store {self.path} was already opened; create a new store instead")
@@ -358,9 +405,21 @@ class SqliteStore:
         self._writer.start()
         await ready
 
-        self._readers = _ReaderPool(self.path, self._reader_threads)
+        readers = _ReaderPool(self.path, self._reader_threads)
+        try:
+            await readers.open()
+        except (sqlite3.Error, RuntimeError) as exc:
+            await asyncio.to_thread(readers.close)
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._writer.join)
+            raise StoreError(
+                f"failed to open reader connections to SQLite store {self.path}: {exc};"
+                " check that the file is readable and that the open file limit (ulimit -n) is not exhausted"
+            ) from exc
+
+        self._readers = readers
         self._state = _State.OPEN
-        logger.info("opened SQLite store %s", self.path)
+        logger.info("opened SQLite store %s with %d reader connections", self.path, self._reader_threads)
 
     async def close(self) -> None:
         """Stop accepting operations, commit every queued write, then close the connections and threads."""
