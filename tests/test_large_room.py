@@ -8,6 +8,7 @@ this process stays far below its file-descriptor limit.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -88,7 +89,7 @@ class Member:
     async def _acknowledge(self) -> None:
         while not self.connection.closed.done():
             await asyncio.sleep(0.05)
-            self.connection.send_acks()
+            self.connection.send_acks(time.monotonic())
 
     async def close(self) -> None:
         self._acks.cancel()

@@ -374,3 +374,17 @@ def test_history_entry_takes_room_from_request() -> None:
 def test_negative_ack_interval_rejected() -> None:
     with pytest.raises(ValueError, match="ack_interval"):
         Receiver(ack_interval=-1)
+
+
+def test_acked_hint_slows_acks_later() -> None:
+    receiver = Receiver(ack_interval=0.1)
+    receiver.on_joined(joined(since=0))
+    delivered_seqs(receiver, [1, 2, 3])
+    receiver.handled("lobby", 1)
+    assert receiver.acks_due(now=10.0) == [("lobby", 1)]
+
+    receiver.on_acked("lobby", 1, 2000)
+    receiver.handled("lobby", 3)
+
+    assert receiver.acks_due(now=10.5) == []
+    assert receiver.acks_due(now=12.0) == [("lobby", 3)]

@@ -306,5 +306,9 @@ async def test_large_room_asks_for_slower_acks(server_factory: Callable[..., Ser
             for client in clients
         ]
         assert hints == [[None], [None], [1500]]
+
+        sent = await clients[0].publish("hall", "m1", "hello hall")
+        acked = await clients[0].ack("hall", sent["seq"])
+        assert acked["ack_interval"] == 1500
     finally:
         await close_all(*clients)

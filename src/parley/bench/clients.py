@@ -88,7 +88,10 @@ class Tally:
 class RoomPosition:
     """A connection's position in one room: what it holds, acknowledged and had confirmed."""
 
-    __slots__ = ("ack_prefix", "ack_sent", "acked", "name", "reached", "since", "start", "wake_at")
+    __slots__ = (
+        "ack_interval", "ack_prefix", "ack_sent", "ack_sent_at", "acked", "name", "reached", "since", "start",
+        "wake_at",
+    )  # fmt: skip
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -97,6 +100,8 @@ class RoomPosition:
         self.ack_sent = 0
         self.acked = 0
         self.ack_prefix = b'{"type":"ack","room":"' + name.encode() + b'","seq":'
+        self.ack_interval = 0.0
+        self.ack_sent_at = 0.0
         self.wake_at = 1 << 62
         self.reached: asyncio.Future[None] | None = None
 
@@ -278,11 +283,17 @@ class BenchConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def send_acks(self) -> None:
-        """Acknowledge every room that moved since the last ack, with one cumulative ack each."""
+    def send_acks(self, now: float, force: bool = False) -> None:
+        """Acknowledge every room that moved since the last ack, with one cumulative ack each.
+
+        A room whose server asked for a longer `ack_interval` is acknowledged at most that often,
+        unless `force` is set (the final acks of a run).
+        """
         for position in self.positions.values():
-            if position.since > position.ack_sent:
+            due = force or now >= position.ack_sent_at + position.ack_interval
+            if position.since > position.ack_sent and due:
                 position.ack_sent = position.since
+                position.ack_sent_at = now
                 self.write(client_frame(position.ack_prefix + str(position.since).encode() + b"}"))
                 self.tally.acks_sent += 1
 
@@ -372,8 +383,11 @@ class BenchConnection(asyncio.Protocol):
                 self._count_msg(position, seq, frame.get("meta"), now)
         elif kind == "acked":
             position = self.positions.get(frame["room"])
-            if position is not None and frame["seq"] > position.acked:
-                position.acked = frame["seq"]
+            if position is not None:
+                if frame["seq"] > position.acked:
+                    position.acked = frame["seq"]
+                hint = frame.get("ack_interval")
+                position.ack_interval = hint / 1000 if isinstance(hint, int) else 0.0
         elif kind == "sent":
             self.sent_replies += 1
             room, seq = frame["room"], frame["seq"]

@@ -199,7 +199,7 @@ class Worker:
             last = now
             for _ in range(due):
                 for connection in self.connections[group::ACK_GROUPS]:
-                    connection.send_acks()
+                    connection.send_acks(now)
                 group = (group + 1) % ACK_GROUPS
 
     async def _sample_series(self) -> None:
@@ -369,7 +369,7 @@ class Worker:
         unconfirmed = 0
         if self.kind == "parley" and command.get("confirm", True):
             for connection in self.connections:
-                connection.send_acks()
+                connection.send_acks(time.monotonic(), force=True)
             confirm_by = time.monotonic() + min(10.0, float(command.get("timeout", 30.0)))
             while time.monotonic() < confirm_by and self._unconfirmed(heads):  # noqa: ASYNC110
                 await asyncio.sleep(0.02)

@@ -457,7 +457,7 @@ class Client:
     def _on_acked(self, frame: dict[str, Any]) -> None:
         room, seq = frame.get("room"), frame.get("seq")
         if isinstance(room, str) and isinstance(seq, int):
-            self._receiver.on_acked(room, seq)
+            self._receiver.on_acked(room, seq, frame.get("ack_interval"))
 
     def _on_left(self, frame: dict[str, Any]) -> None:
         room = frame.get("room")

@@ -14,8 +14,8 @@ starts again from the reply's `since`. The room's generation then increases, so 
 for messages of the old history are ignored.
 
 Acks are cumulative and coalesced: `acks_due` returns at most one ack per room per `ack_interval` seconds,
-or per the room's longer `ack_interval` hint from `joined`, in milliseconds (the server asks members of
-large rooms to acknowledge less often).
+or per the room's longer `ack_interval` hint from `joined` or `acked`, in milliseconds (the server asks
+members of large rooms to acknowledge less often).
 Times are `now` arguments in seconds from any monotonic clock; the receiver never reads a clock.
 """
 
@@ -157,6 +157,13 @@ def _require(frame: Mapping[str, Any], name: str, kind: type, value: Any = None)
     return value
 
 
+def interval_hint(value: Any) -> float:
+    """Read a server's `ack_interval` hint (milliseconds) as seconds; 0 when absent or invalid."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value / 1000
+    return 0.0
+
+
 class Receiver:
     """Per-room positions, duplicate and gap detection, and coalesced cumulative acks."""
 
@@ -190,8 +197,7 @@ class Receiver:
         head = _require(frame, "head", int)
         since = _require(frame, "since", int)
         state = self._rooms.get(room)
-        hint = frame.get("ack_interval")
-        hinted = hint / 1000 if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0 else 0.0
+        hinted = interval_hint(frame.get("ack_interval"))
 
         if state is None:
             self._rooms[room] = _RoomState(epoch=epoch, since=since, handled=since, ack_interval=hinted)
@@ -283,11 +289,14 @@ class Receiver:
         ]
         return min(deadlines, default=None)
 
-    def on_acked(self, room: str, seq: int) -> None:
-        """Record the server's stored delivery cursor from an `acked` frame."""
+    def on_acked(self, room: str, seq: int, ack_interval: Any = None) -> None:
+        """Record the server's stored delivery cursor from an `acked` frame, and its `ack_interval` hint."""
         state = self._rooms.get(room)
-        if state is not None and seq > state.acked:
+        if state is None:
+            return
+        if seq > state.acked:
             state.acked = seq
+        state.ack_interval = interval_hint(ack_interval)
 
     def on_disconnect(self) -> None:
         """Forget acks in flight and join requests: the next connection repeats what is still needed."""

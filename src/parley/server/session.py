@@ -419,9 +419,17 @@ class Session:
                     }
                 )
             else:
-                self.reply({"type": "acked", "room": room, "seq": stored})
+                self.reply(self.acked_frame(room, stored))
 
         self.app.cursors.advance(user, room, seq, on_stored)
+
+    def acked_frame(self, room_name: str, stored: int) -> dict[str, Any]:
+        """Build `acked`, asking for slower acks once the room has grown large."""
+        frame: dict[str, Any] = {"type": "acked", "room": room_name, "seq": stored}
+        room = self.app.hub.rooms.get(room_name)
+        if room is not None and room.subscriber_count >= self.app.settings.large_room:
+            frame["ack_interval"] = int(self.app.settings.large_room_ack_interval * 1000)
+        return frame
 
     def on_read(self, frame: Read) -> Coroutine[Any, Any, None] | None:
         user = self.require_user()

@@ -456,7 +456,7 @@ export class Session extends EventTarget {
       case "sent":
         return this.onSent(frame);
       case "acked":
-        return undefined;
+        return this.onAcked(frame);
       case "history":
         return this.onHistory(frame);
       case "receipt":
@@ -764,6 +764,16 @@ export class Session extends EventTarget {
   }
 
   // ---- acknowledgements and read markers ----
+
+  /** Follows the server's hint: members of a large room acknowledge less often. */
+  onAcked(frame) {
+    const room = this.rooms.get(frame.room);
+    if (room) {
+      room.ackIntervalMs = Number.isInteger(frame.ack_interval) && frame.ack_interval > ACK_INTERVAL_MS
+        ? frame.ack_interval
+        : ACK_INTERVAL_MS;
+    }
+  }
 
   scheduleAck(room) {
     if (room.ackTimer !== null) {
