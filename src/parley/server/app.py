@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -31,6 +32,7 @@ log = logging.getLogger("parley.server")
 SHUTDOWN_DRAIN = 5.0
 RESERVED_FILES = 64  # descriptors kept for the database, its readers, logs and the listening socket
 MIN_SECRET_BYTES = 32
+GC_YOUNG_THRESHOLD = 50_000
 
 
 class App:
@@ -254,6 +256,16 @@ class App:
         }
 
 
+def tune_garbage_collector() -> None:
+    """Collect the young generation less often and leave start-up objects out of full collections.
+
+    Deliveries and acks allocate many short-lived objects, so with the default threshold of 700 the collector
+    runs often, and its passes over every connection's objects showed up as tail latency in the bench.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 50)
+
+
 def connection_limit(configured: int) -> int:
     """Cap connections below the open-file limit, so handshakes get 503 before accept() starts failing."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -267,6 +279,7 @@ async def serve(settings: Settings, announce: Any = print) -> int:
     app = App(settings)
     await app.start()
     app.install_signal_handlers()
+    tune_garbage_collector()
     announce(
         f"Parley listening on http://{settings.host}:{app.port} (WebSocket at ws://{settings.host}:{app.port}/ws)"
     )
