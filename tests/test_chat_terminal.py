@@ -228,3 +228,20 @@ def test_format_message_local_time_and_escapes() -> None:
 
     clock = datetime.fromtimestamp(ts / 1000).strftime("%H:%M")
     assert line == f"{clock} bob: hi\\u001b[2J\\u202eevil\n      second"
+
+
+def test_chat_exits_when_reconnect_rejected(
+    server: ServerProcess, tmp_path: Path, chats: list[ChatProcess]
+) -> None:
+    alice = start_chat(chats, server, "alice", tmp_path)
+    alice.write("hello")
+    alice.wait_for_messages(1)
+
+    # The server comes back requiring tokens, so the chat's next hello is rejected with 4001.
+    server.extra.extend(["--secret", "a-secret-that-is-long-enough-for-hs256-0123456789"])
+    server.restart(signal.SIGTERM)
+    code = alice.wait_exit()
+
+    assert code == 1
+    assert "unauthorized" in alice.stderr()
+    assert "Traceback" not in alice.stderr()

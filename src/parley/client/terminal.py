@@ -180,13 +180,19 @@ class TerminalChat:
     async def run(self) -> int:
         """Chat until the end of input or a stop signal; return the exit status."""
         self._install_signal_handlers()
-        printer: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
             await self._until_stopped(self.client.connect())
             await self._until_stopped(self.client.join(self.room, last=self.last))
 
+            # The message stream ends with the client's error when the server rejects a reconnect, so
+            # the chat stops then too, instead of waiting for the next line of input.
             printer = asyncio.create_task(self._print_messages())
-            await self._send_lines()
+            sender = asyncio.create_task(self._send_lines())
+            tasks = [printer, sender]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
             return 0
         except _Stopped:
             return 0
@@ -194,10 +200,9 @@ class TerminalChat:
             print(f"parley chat: {error}", file=sys.stderr)
             return 1
         finally:
-            if printer is not None:
-                printer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await printer
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.client.close()
             self._remove_signal_handlers()
 
