@@ -1,7 +1,7 @@
 """One TCP connection: HTTP/1.1 through h11 until a WebSocket upgrade, then RFC 6455 frames.
 
-This module is the pump between the socket and the protocol: it parses bytes, hands complete text
-messages to the session, writes what the session and the hub give it, and notifies the hub when the
+This module is the pump between the socket and the protocol. It parses bytes and hands complete text
+messages to the session. It writes what the session and the hub give it, and notifies the hub when the
 kernel buffer fills (`pause_writing`) or drains (`resume_writing`). It never interprets frames.
 """
 
@@ -59,12 +59,12 @@ class Connection(asyncio.Protocol):
         "catch_up_task",
         "closed",
         "closing_since",
-        "holds",
         "http",
         "lagging",
         "paused",
         "paused_since",
         "peer_address",
+        "read_holds",
         "reader",
         "session",
         "session_handler",
@@ -93,7 +93,7 @@ class Connection(asyncio.Protocol):
         self.lagging: set[Subscription] = set()
         self.catch_up_task: asyncio.Task[None] | None = None
         self.peer_address = ""
-        self.holds = 0
+        self.read_holds = 0
         self._close_handle: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._writable: asyncio.Future[None] | None = None
@@ -140,7 +140,7 @@ class Connection(asyncio.Protocol):
             self._writable.set_result(None)
         self._writable = None
         self.app.hub.resume_peer(self)
-        if self.http is not None and not self.holds:
+        if self.http is not None and not self.read_holds:
             self._next_http_event()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -159,16 +159,16 @@ class Connection(asyncio.Protocol):
 
     def hold_reading(self, reason: int) -> None:
         """Stop reading from the client for `reason` (one of the HOLD_ flags)."""
-        if not self.holds and self.transport is not None and not self.closing:
+        if not self.read_holds and self.transport is not None and not self.closing:
             self.transport.pause_reading()
-        self.holds |= reason
+        self.read_holds |= reason
 
     def release_reading(self, reason: int) -> None:
         """Drop one reason to stop reading; reading resumes once no reason is left."""
-        if not self.holds & reason:
+        if not self.read_holds & reason:
             return
-        self.holds &= ~reason
-        if not self.holds and self.transport is not None and not self.closed:
+        self.read_holds &= ~reason
+        if not self.read_holds and self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
     def writable(self) -> asyncio.Future[None]:
@@ -214,7 +214,7 @@ class Connection(asyncio.Protocol):
         self.write(encode_frame(encode(frame)))
 
     def close(self, code: int, reason: str) -> None:
-        """Start the closing handshake; the socket closes when the client answers, or after a grace period."""
+        """Start the closing handshake; the socket closes when the client replies, or after a grace period."""
         if self.closing or self.transport is None:
             return
         if self.reader is None:
@@ -222,7 +222,7 @@ class Connection(asyncio.Protocol):
             return
         self.transport.write(encode_close(code, reason))
         # Reading may be paused for flow control or a shutdown; the client's close reply must still be read.
-        self.holds = 0
+        self.read_holds = 0
         self.transport.resume_reading()
         self.closing_since = time.monotonic()
         self.app.hub.disconnect(self)
@@ -277,7 +277,7 @@ class Connection(asyncio.Protocol):
                 self.abort()
             return
         if not self.alive and self.paused:
-            # A client that reads nothing answers no ping either; say why before the grace period ends it.
+            # A client that reads nothing sends no pong either, so the close frame states the reason.
             log.info(
                 "closing slow consumer that stopped reading",
                 extra={"session": self.session, "user": self.user},
@@ -285,7 +285,10 @@ class Connection(asyncio.Protocol):
             self.close(CLOSE_TOO_SLOW, "too slow")
             return
         if not self.alive:
-            log.info("no answer to heartbeat", extra={"session": self.session, "user": self.user})
+            log.info(
+                "no pong or other data since the last heartbeat ping",
+                extra={"session": self.session, "user": self.user},
+            )
             self.abort()
             return
         if self.paused and now - self.paused_since > self.app.settings.slow_timeout:
