@@ -220,10 +220,13 @@ class App:
         self, room_name: str, before: int | None, after: int | None, limit: int
     ) -> tuple[list[orjson.Fragment], bool]:
         """Read one page of a room's history; return the messages as JSON fragments and `more`."""
-        info = await self.store.room_info(room_name)
-        if info is None:
-            return [], False
-        room = self.hub.room(info.room, info.head, info.epoch)
+        room = self.hub.rooms.get(room_name)
+        if room is None or room.epoch is None:
+            # Rooms this node has loaded keep their head current through the commit listener.
+            info = await self.store.room_info(room_name)
+            if info is None:
+                return [], False
+            room = self.hub.room(info.room, info.head, info.epoch)
 
         if after is not None:
             entries = await self.hub.read_after(room, after, limit) if after < room.head else []
