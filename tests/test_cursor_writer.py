@@ -13,7 +13,7 @@ from parley.storage.sqlite import SqliteStore
 
 
 async def wait_until(done: Callable[[], bool]) -> None:
-    """Yield to the loop until `done()` holds (the writer thread answers), failing after 5 s."""
+    """Yield to the loop until `done()` is true (the writer thread has replied), failing after 5 s."""
     async with asyncio.timeout(5):
         while not done():  # noqa: ASYNC110 - the writer thread sets no event this test could await
             await asyncio.sleep(0.005)

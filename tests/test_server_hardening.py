@@ -1,4 +1,4 @@
-"""Hostile and careless clients: the server stays bounded, answers correctly and keeps serving others."""
+"""Hostile and careless clients: the server stays bounded, replies correctly and keeps serving others."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Contract:
 
 - `add` is called with every new message of a room, in seq order, right after its commit. A cache may
   drop anything at any time (age, size, restart); it never reorders or invents messages.
-- A read returns the requested range only when the cache holds all of it, with no gap; otherwise it
+- A read returns the requested range only when the cache contains all of it, with no gap. Otherwise it
   returns None and the caller reads the store. So a miss costs time, never messages.
 - Every entry carries the message's encoded `msg` frame, so catch-up writes it without encoding again.
 """

@@ -1,9 +1,9 @@
 """Coalesced cursor writes: every ack that arrives while a write is pending joins the next one.
 
 A member's delivery cursor is stored forward-only. Acks arrive far more often than they need to be
-written (a 10,000-member room acks every 100 ms per member), so the writer keeps the last stored
-cursor of each member in memory, replies at once to an ack that moves nothing, and stores all other
-acks of one loop iteration, or of the time one store write takes, in a single `advance_cursors` call.
+written: a 10,000-member room acking every 100 ms sends 100,000 a second. So the writer keeps the last
+stored cursor of each member in memory and replies at once to an ack that moves nothing. All other acks
+of one loop iteration, or of the time one store write takes, go into a single `advance_cursors` call.
 At most one write is in flight, so under load the batches grow instead of the queue.
 
 NOTE: the cursors in memory are those this node stored or loaded. Another node advancing the same

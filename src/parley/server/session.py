@@ -320,8 +320,7 @@ class Session:
         return self.send_after_member_check(user, frame, ref)
 
     async def send_after_member_check(self, user: str, frame: Send, ref: dict[str, Any]) -> None:
-        if not await self.app.store.is_member(user, frame.room):
-            raise FrameError(errors.NOT_JOINED, f"room {frame.room}: join it before sending", ref)
+        await self.require_member(user, frame.room, ref)
         self.submit_send(user, frame, ref)
 
     def submit_send(self, user: str, frame: Send, ref: dict[str, Any]) -> None:
@@ -391,10 +390,7 @@ class Session:
         return None
 
     async def ack_after_member_check(self, user: str, frame: Ack) -> None:
-        if not await self.app.store.is_member(user, frame.room):
-            raise FrameError(
-                errors.NOT_JOINED, f"room {frame.room}: not a member", {"type": "ack", "room": frame.room}
-            )
+        await self.require_member(user, frame.room, {"type": "ack", "room": frame.room})
         info = await self.app.store.room_info(frame.room)
         if info is None or frame.seq > info.head:
             raise FrameError(
@@ -439,11 +435,13 @@ class Session:
         return None
 
     async def read_after_member_check(self, user: str, frame: Read) -> None:
-        if not await self.app.store.is_member(user, frame.room):
-            raise FrameError(
-                errors.NOT_JOINED, f"room {frame.room}: not a member", {"type": "read", "room": frame.room}
-            )
+        await self.require_member(user, frame.room, {"type": "read", "room": frame.room})
         self.submit_read(user, frame.room, frame.seq)
+
+    async def require_member(self, user: str, room: str, ref: dict[str, Any]) -> None:
+        """Raise not_joined unless the user is a member of `room`, which this connection does not follow."""
+        if not await self.app.store.is_member(user, room):
+            raise FrameError(errors.NOT_JOINED, f"room {room}: not a member; join it first", ref)
 
     def submit_read(self, user: str, room: str, seq: int) -> None:
         future = asyncio.ensure_future(

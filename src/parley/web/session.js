@@ -534,7 +534,7 @@ export class Session extends EventTarget {
     if (room.since === 0 && room.head === 0) {
       room.atStart = true;
     }
-    // A large room asks its members to acknowledge less often than the default.
+    // The server requests slower acks from members of a large room.
     room.ackIntervalMs = Number.isInteger(frame.ack_interval) && frame.ack_interval > ACK_INTERVAL_MS
       ? frame.ack_interval
       : ACK_INTERVAL_MS;
